@@ -1,0 +1,135 @@
+"""Projected gradient descent (PGD) and FGSM over a threat model.
+
+Every attack treats the model as a black box taking [0, 1] images; it runs the model in eval
+mode (BatchNorm with running statistics, no dropout), hands the mode back afterwards and leaves
+no gradient on the model's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import RobustTransferError
+from .threat import ThreatModel
+
+# loss_fn(logits, y) -> per-example loss, shape [N]; the attack ascends it.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example, computed in fp32 even when the logits are bf16."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore each submodule's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _is_better(success: torch.Tensor, loss: torch.Tensor, best_success: torch.Tensor,
+               best_loss: torch.Tensor) -> torch.Tensor:
+    """Per example: an attack that succeeds beats one that does not; then the higher loss wins."""
+    return (success & ~best_success) | ((success == best_success) & (loss > best_loss))
+
+
+def _evaluate_candidates(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                         targeted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(x_adv)
+        loss = loss_fn(logits, y).float()
+        pred = logits.argmax(dim=1)
+    success = pred == y if targeted else pred != y
+    return success, (-loss if targeted else loss)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    step_size: float | None = None,
+    random_start: bool = True,
+    restarts: int = 0,
+    targeted: bool = False,
+    loss_fn: LossFn | None = None,
+    use_best: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Return adversarial examples inside ``threat``'s eps-ball around ``x`` and the [0, 1] box.
+
+    ``x`` holds images in [0, 1] (NCHW, any float dtype and memory layout); ``y`` the true labels,
+    or the target labels when ``targeted``. ``step_size`` defaults to 2.5 * eps / steps (pixel
+    units). ``restarts`` adds that many extra runs from fresh random starts; per example the worst
+    case over all runs is kept (a successful attack first, then the highest loss). ``use_best``
+    keeps the best iterate of each run rather than the last. ``loss_fn(logits, y)`` replaces the
+    per-example cross-entropy (the attack maximises it, or minimises it when ``targeted``).
+    """
+    if steps < 0 or restarts < 0:
+        raise RobustTransferError(f"steps and restarts must be >= 0, got steps={steps}, restarts={restarts}")
+    loss_fn = loss_fn or per_example_cross_entropy
+    if threat.eps == 0 or steps == 0 and not random_start:
+        return x.detach().clone()
+    step_size = threat.default_step_size(steps) if step_size is None else float(step_size)
+    x = x.detach()
+    sign = -1.0 if targeted else 1.0
+
+    expand = (-1,) + (1,) * (x.dim() - 1)
+    with eval_mode(model):
+        if use_best:
+            # The unperturbed input competes too: an attack never reports a worse point than x.
+            best_success, best_loss = _evaluate_candidates(model, x, y, loss_fn, targeted)
+        else:
+            best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            best_loss = torch.full((len(x),), -torch.inf, device=x.device)
+        best_x = x.clone()
+
+        def keep_better(candidate: torch.Tensor, success: torch.Tensor, signed_loss: torch.Tensor) -> None:
+            nonlocal best_x, best_success, best_loss
+            better = _is_better(success, signed_loss, best_success, best_loss)
+            best_x = torch.where(better.view(expand), candidate, best_x)
+            best_success = best_success | success
+            best_loss = torch.where(better, signed_loss, best_loss)
+
+        for _run in range(restarts + 1):
+            x_adv = threat.random_start(x, generator) if random_start else x.clone()
+            for _step in range(steps):
+                x_adv.requires_grad_(True)
+                logits = model(x_adv)
+                loss = loss_fn(logits, y).float()
+                (grad,) = torch.autograd.grad(sign * loss.sum(), x_adv)
+                x_adv = x_adv.detach()
+                if use_best:
+                    # This iterate's loss comes free with the forward pass we needed anyway.
+                    pred = logits.detach().argmax(dim=1)
+                    keep_better(x_adv, pred == y if targeted else pred != y, sign * loss.detach())
+                x_adv = threat.project(threat.step(x_adv, grad, step_size), x)
+            keep_better(x_adv, *_evaluate_candidates(model, x_adv, y, loss_fn, targeted))
+    return best_x.detach()
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: ThreatModel,
+    step_size: float | None = None,
+    random_start: bool = False,
+    targeted: bool = False,
+    loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """One-step PGD: a single step of ``step_size`` (default eps) in the steepest direction."""
+    return pgd(model, x, y, threat, steps=1, step_size=threat.eps if step_size is None else step_size,
+               random_start=random_start, targeted=targeted, loss_fn=loss_fn, use_best=False)

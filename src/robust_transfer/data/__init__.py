@@ -1,0 +1,11 @@
+"""Datasets: a registry of loaders, seeded splits and deterministic mini-batches.
+
+Every dataset returns unnormalised float images in [0, 1], NCHW; models normalise inside.
+"""
+
+from .batches import AUGMENTATIONS, make_batches
+from .memory import InMemoryDataset
+from .registry import list_datasets, load_dataset
+from .splits import DatasetSplits
+
+__all__ = ["AUGMENTATIONS", "DatasetSplits", "InMemoryDataset", "list_datasets", "load_dataset", "make_batches"]

@@ -1,0 +1,130 @@
+"""The dataset registry: one name per dataset, `load_dataset` to get its splits."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from ..errors import RobustTransferError
+from .cifar import load_cifar
+from .folder import load_image_folder
+from .memory import InMemoryDataset
+from .sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
+    load_animal_mnist,
+    load_digits,
+    load_idx_folder,
+    load_mnist_5k,
+)
+from .splits import DatasetSplits, stratified_split
+
+DATA_HOME = Path(os.environ.get("ROBUST_TRANSFER_DATA", Path.home() / ".cache" / "robust-transfer" / "data"))
+TEST_FRACTION = 0.2  # for sets that come without a test split
+
+# name -> (loader(root) -> (train, val or None, test or None), default augmentation)
+Loader = Callable[[Path | None], tuple]
+
+
+def _require(root: Path | None, name: str, layout: str) -> Path:
+    if root is None:
+        raise RobustTransferError(f"dataset {name!r} needs its folder: pass root= (--data-root) holding {layout}")
+    return root
+
+
+def _fashion(root: Path | None) -> tuple:
+    hint = ("install it with: apt-get install dataset-fashion-mnist, or pass --data-root to a folder with the "
+            "four IDX files")
+    train, test = load_idx_folder(root or FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES, hint)
+    return train, None, test
+
+
+def _idx(root: Path | None) -> tuple:
+    folder = _require(root, "idx", "train-images-idx3-ubyte[.gz] and the other three MNIST-style files")
+    train, test = load_idx_folder(folder, None, "point --data-root at a folder with the four MNIST-style IDX files")
+    return train, None, test
+
+
+def _cifar(name: str, root: Path | None) -> tuple:
+    train, test = load_cifar(name, root or DATA_HOME)
+    return train, None, test
+
+
+_REGISTRY: dict[str, tuple[Loader, str]] = {
+    "fashion-mnist": (_fashion, "crop-flip"),
+    "animal-mnist": (lambda root: (load_animal_mnist(root), None, None), "crop-flip"),
+    "mnist-5k": (lambda root: (load_mnist_5k(), None, None), "crop"),
+    "digits": (lambda root: (load_digits(), None, None), "none"),
+    "cifar10": (functools.partial(_cifar, "cifar10"), "crop-flip"),
+    "cifar100": (functools.partial(_cifar, "cifar100"), "crop-flip"),
+    "idx": (_idx, "crop"),
+    "imagefolder": (None, "crop-flip"),  # built in load_dataset: it needs the image size and channels
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by `load_dataset`."""
+    return list(_REGISTRY)
+
+
+def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    if isinstance(dataset, InMemoryDataset):
+        return dataset.subset(indices)
+    subset = Subset(dataset, indices.tolist())
+    subset.labels = dataset.labels[indices]
+    subset.class_names = dataset.class_names
+    return subset
+
+
+def _stats(dataset: Dataset, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if isinstance(dataset, InMemoryDataset):
+        return dataset.channel_stats()
+    sample = torch.stack([dataset[i][0] for i in range(0, len(dataset), max(1, len(dataset) // 500))])
+    flat = sample.transpose(0, 1).reshape(channels, -1).double()
+    return tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-3).tolist())
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0,
+                 image_size: int | None = None, in_channels: int | None = None) -> DatasetSplits:
+    """Load ``name`` (see `list_datasets`) and return seeded, stratified train/val/test splits.
+
+    Where the data has an official test split it is kept; validation is a ``val_fraction``
+    share of train (unless the data has a validation split of its own). Sets without a test
+    split give 20% of every class to test first. ``image_size`` resizes (square) and
+    ``in_channels`` converts gray to colour or back. Images stay unnormalised in [0, 1].
+    """
+    if name not in _REGISTRY:
+        raise RobustTransferError(f"unknown dataset {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    if not 0 < val_fraction < 1:
+        raise RobustTransferError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    loader, default_augment = _REGISTRY[name]
+    folder = Path(root).expanduser() if root is not None else None
+    if name == "imagefolder":
+        folder = _require(folder, name, "train/<class>/<images> and val/ or test/")
+        train, val, test = load_image_folder(folder, image_size or 224, in_channels or 3)
+    else:
+        train, val, test = loader(folder)
+    if test is None:
+        kept, held = stratified_split(train.labels, TEST_FRACTION, seed)
+        train, test = _subset(train, kept), _subset(train, held)
+    if val is None:
+        kept, held = stratified_split(train.labels, val_fraction, seed + 1)
+        train, val = _subset(train, kept), _subset(train, held)
+    if isinstance(train, InMemoryDataset):
+        adapt = lambda split: split
+        if image_size is not None:
+            adapt = lambda split, inner=adapt: inner(split).resized(image_size)
+        if in_channels is not None:
+            adapt = lambda split, inner=adapt: inner(split).with_channels(in_channels)
+        train, val, test = adapt(train), adapt(val), adapt(test)
+    sample = train[0][0]
+    mean, std = _stats(train, sample.shape[0])
+    return DatasetSplits(
+        name=name, train=train, val=val, test=test, num_classes=len(train.class_names),
+        in_channels=sample.shape[0], image_size=sample.shape[-1], mean=mean, std=std,
+        class_names=list(train.class_names), default_augment=default_augment)

@@ -1,0 +1,93 @@
+"""`ModelSpec`: the few facts needed to rebuild a model (architecture, classes, channels, normalisation)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import RobustTransferError
+
+Stats = Sequence[float] | float
+
+
+def resolve_stats(
+    values: Stats | None, in_channels: int, default: float | Sequence[float], what: str
+) -> tuple[float, ...]:
+    """Turn a user's mean or std into one float per channel.
+
+    ``values`` may be None (use ``default``), a single number (repeated for every channel) or a
+    sequence with exactly ``in_channels`` numbers.
+    """
+    if values is None:
+        values = default
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [float(values)] * in_channels
+    try:
+        out = tuple(float(v) for v in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise RobustTransferError(f"{what} must be a number or a list of numbers, got {values!r}") from None
+    if len(out) != in_channels:
+        raise RobustTransferError(
+            f"{what} has {len(out)} values but the model takes {in_channels}-channel images; "
+            f"give one value per channel"
+        )
+    if not all(math.isfinite(v) for v in out):
+        raise RobustTransferError(f"{what} must be finite numbers, got {out}")
+    if what == "std" and not all(v > 0 for v in out):
+        raise RobustTransferError(f"std must be > 0 for every channel, got {out}")
+    return out
+
+
+def check_positive_int(value: Any, what: str) -> int:
+    """Return ``value`` as an int >= 1 or raise a `RobustTransferError` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RobustTransferError(f"{what} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a saved model needs to be rebuilt: ``create_model(arch, num_classes, in_channels, mean, std)``.
+
+    ``arch`` is a registered architecture name or ``"custom"`` (a model we cannot rebuild by name);
+    ``num_classes`` is None for a custom model without a final Linear layer.
+    """
+
+    arch: str
+    num_classes: int | None
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Read a spec written by `to_dict`, with a clear error for a missing or bad field."""
+        if not isinstance(data, Mapping):
+            raise RobustTransferError(f"model spec must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("arch", "num_classes", "in_channels", "mean", "std") if k not in data]
+        if missing:
+            raise RobustTransferError(
+                f"model spec is missing {', '.join(missing)}; re-save the model with save_model"
+            )
+        arch = data["arch"]
+        if not isinstance(arch, str) or not arch:
+            raise RobustTransferError(f"model spec 'arch' must be a non-empty string, got {arch!r}")
+        in_channels = check_positive_int(data["in_channels"], "in_channels")
+        num_classes = data["num_classes"]
+        if num_classes is not None:
+            num_classes = check_positive_int(num_classes, "num_classes")
+        mean = resolve_stats(data["mean"], in_channels, 0.5, "mean")
+        std = resolve_stats(data["std"], in_channels, 0.5, "std")
+        return cls(arch=arch, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)

@@ -1,0 +1,249 @@
+"""Robust pretraining: the one training loop, for every method, precision and process count."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..atomic import atomic_write_text
+from ..data import load_dataset, make_batches
+from ..errors import RobustTransferError
+from ..evaluation import evaluate
+from ..models import create_model, save_model
+from ..runtime import prepare_batch, prepare_model, resolve_precision, tune_malloc
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .config import PretrainConfig
+from .distributed import DistributedContext, all_reduce_sum, init_distributed, wrap_for_training
+from .metrics import MetricsLog
+from .objectives import make_objective
+from .schedule import lr_multiplier
+from .step import NonFiniteLossError, train_step
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model.safetensors"
+RESULTS_NAME = "results.json"
+MIN_FREE_BYTES = 200 * 2**20
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished run lives and what it measured on the test split."""
+
+    run_dir: Path
+    model_path: Path
+    test: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def _check_run_dir(run_dir: Path, config: PretrainConfig) -> None:
+    """Fail before any work when the output folder is unusable or would be overwritten."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise RobustTransferError(f"cannot write to the output folder {run_dir}: {error.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise RobustTransferError(
+            f"only {free / 2**20:.0f} MiB free on the disk of {run_dir}: free some space or choose another --out")
+    if (run_dir / CHECKPOINT_NAME).exists() and not config.resume:
+        raise RobustTransferError(
+            f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def _resume_state(run_dir: Path, config: PretrainConfig) -> dict[str, Any] | None:
+    path = run_dir / CHECKPOINT_NAME
+    if not (config.resume and path.exists()):
+        return None
+    state = load_checkpoint(path)
+    saved = state["config"]
+    differing = sorted(k for k, v in config.recipe().items() if saved.get(k) != v)
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in differing[:5])
+        raise RobustTransferError(
+            f"cannot resume {run_dir} with a different recipe ({details}); use the original settings or a new --out")
+    return state
+
+
+def _train_subset(dataset, count: int | None):
+    if count is None or count >= len(dataset):
+        return dataset
+    if hasattr(dataset, "subset"):
+        return dataset.subset(torch.arange(count))
+    return Subset(dataset, range(count))
+
+
+def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> PretrainResult:
+    """Train a source model with ``config`` (or the defaults updated by keyword ``overrides``).
+
+    Writes into ``config.out_dir``: checkpoint.pt after every epoch (atomically),
+    metrics.jsonl and tensorboard/, and at the end model.safetensors + model.json and
+    results.json. With ``resume=True`` an interrupted run continues exactly where its last
+    checkpoint stopped. Under torchrun each process trains on its share of every global batch.
+    """
+    config = dataclasses.replace(config or PretrainConfig(), **overrides)
+    tune_malloc()
+    context = init_distributed(config.device)
+    precision = resolve_precision(config.precision, context.device)
+    run_dir = Path(config.out_dir)
+    if context.is_main:
+        _check_run_dir(run_dir, config)
+    context.barrier()
+    state = _resume_state(run_dir, config)
+    if state is not None and state["epoch"] >= config.epochs and (run_dir / RESULTS_NAME).exists():
+        return _finished_result(run_dir)
+
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed)
+    train_set = _train_subset(data.train, config.train_examples)
+    augment = config.augment or data.default_augment
+    model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                         mean=data.mean, std=data.std)
+    objective = make_objective(config.method, config.threat, config.attack_steps, config.attack_step_size,
+                               config.random_start, config.free_replays, config.label_smoothing)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    batches_per_epoch = len(make_batches(train_set, config.batch_size, shuffle=True, drop_last=True))
+    if batches_per_epoch == 0:
+        raise RobustTransferError(f"the training split has fewer examples than one batch ({config.batch_size})")
+    steps_per_epoch = batches_per_epoch * objective.replays
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
+        config.schedule, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch),
+        [m * steps_per_epoch for m in config.milestones]))
+
+    start_epoch, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        objective.load_state_dict(state.get("objective", {}))
+        restore_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], state["history"]
+        if context.is_main:
+            log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
+    model = prepare_model(model, context.device, precision)
+    train_model = wrap_for_training(model, context)
+
+    metrics = MetricsLog(run_dir, start_epoch, enabled=context.is_main)
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            summary = _run_epoch(config, context, precision, train_model, model, objective, optimizer,
+                                 scheduler, train_set, augment, epoch)
+            if context.is_main:
+                summary.update(_validate(config, model, data.val, precision, context))
+                history.append(summary)
+                metrics.write(summary)
+                save_checkpoint(run_dir / CHECKPOINT_NAME, {
+                    "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "objective": objective.state_dict(), "rng": rng_state(), "history": history,
+                })
+                log.info(_describe(summary, config.epochs))
+            context.barrier()
+    finally:
+        metrics.close()
+
+    test: dict[str, Any] = {}
+    if context.is_main:
+        test = _test(config, model, data.test, precision)
+        metadata = {
+            "threat": {"norm": config.norm, "eps": config.eps}, "recipe": config.recipe(),
+            "source_data": config.dataset, "accuracies": {"test": test}, "software": f"robust-transfer {__version__}",
+        }
+        save_model(model.cpu(), run_dir / MODEL_NAME, metadata)
+        atomic_write_text(run_dir / RESULTS_NAME, json.dumps({
+            "config": config.to_dict(), "test": test, "history": history,
+            "train_seconds": sum(h["seconds"] for h in history),
+        }, indent=2))
+    context.barrier()
+    return PretrainResult(run_dir, run_dir / MODEL_NAME, test, history, time.perf_counter() - started)
+
+
+def _run_epoch(config, context: DistributedContext, precision, train_model, model, objective, optimizer,
+               scheduler, train_set, augment, epoch) -> dict[str, Any]:
+    batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                           augment=augment, rank=context.rank, world_size=context.world_size,
+                           drop_last=True, num_workers=config.num_workers)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+               disable=not (config.progress and context.is_main), dynamic_ncols=True)
+    started = time.perf_counter()
+    for index, (x, y) in enumerate(bar):
+        x = prepare_batch(x, context.device, precision)
+        y = y.to(context.device)
+        for _replay in range(objective.replays):
+            try:
+                loss, logits = train_step(train_model, optimizer, objective, x, y, precision=precision,
+                                          device=context.device, attack_model=model)
+            except NonFiniteLossError as error:
+                last = f"epoch {epoch}" if epoch else "none yet, no epoch finished"
+                raise RobustTransferError(
+                    f"training stopped: {error} at epoch {epoch + 1}, batch {index + 1} of {len(batches)}; "
+                    f"the last good checkpoint ({last}) in {config.out_dir} is intact. "
+                    "Lower --lr or use --precision fp32, then --resume") from None
+            scheduler.step()
+        n = len(y)
+        totals += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+        seen = totals[2].item() * context.world_size
+        bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}",
+                        img_s=f"{seen / (time.perf_counter() - started):.0f}")
+    seconds = time.perf_counter() - started
+    totals = all_reduce_sum(totals, context)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": totals[0].item() / totals[2].item(),
+        "train_acc": totals[1].item() / totals[2].item(),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": totals[2].item() * objective.replays / seconds,
+        "seconds": seconds,
+    }
+
+
+def _validate(config: PretrainConfig, model, val_set, precision, context) -> dict[str, Any]:
+    threat = config.threat if config.eps > 0 else None
+    result = evaluate(model, val_set, threat, steps=config.eval_steps, batch_size=256,
+                      device=str(context.device), precision=precision, max_examples=config.eval_examples,
+                      seed=config.seed)
+    out = {"val_clean_acc": result.clean_acc}
+    if result.robust_acc is not None:
+        out["val_robust_acc"] = result.robust_acc
+    return out
+
+
+def _test(config: PretrainConfig, model, test_set, precision) -> dict[str, Any]:
+    threat = config.threat if config.eps > 0 else None
+    device = str(next(model.parameters()).device)
+    result = evaluate(model, test_set, threat, steps=config.test_steps, batch_size=256, device=device,
+                      precision=precision, max_examples=config.test_examples, seed=config.seed,
+                      progress=config.progress)
+    return result.to_dict()
+
+
+def _describe(summary: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {summary['epoch']}/{epochs}", f"loss {summary['train_loss']:.4f}",
+             f"train acc {summary['train_acc']:.3f}", f"val clean {summary['val_clean_acc']:.3f}"]
+    if "val_robust_acc" in summary:
+        parts.append(f"val robust {summary['val_robust_acc']:.3f}")
+    parts.append(f"{summary['images_per_s']:.0f} img/s")
+    return ", ".join(parts)
+
+
+def _finished_result(run_dir: Path) -> PretrainResult:
+    results = json.loads((run_dir / RESULTS_NAME).read_text())
+    return PretrainResult(run_dir, run_dir / MODEL_NAME, results["test"], results["history"], 0.0)

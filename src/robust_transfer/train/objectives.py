@@ -1,0 +1,129 @@
+"""Training objectives: each turns a batch into the loss the optimiser minimises.
+
+standard: L(x, y).  pgd: L(PGD(x), y), the Madry et al. min-max.  fgsm-rs: one FGSM step from a
+random start with step 1.25 * eps (Wong et al., "Fast is better than free").  free: minibatch
+replay (Shafahi et al.), where one backward pass yields both the weight gradient and the
+perturbation's gradient, the perturbation persisting across replays and batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attack import pgd
+from ..errors import RobustTransferError
+from ..threat import ThreatModel
+
+METHODS = ("standard", "pgd", "fgsm-rs", "free")
+
+
+@dataclass
+class Objective:
+    """Base: the standard loss. ``replays`` is how often the loop repeats each batch."""
+
+    label_smoothing: float = 0.0
+    replays: int = 1
+
+    def loss(self, model: nn.Module, attack_model: nn.Module, x: torch.Tensor,
+             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean loss, logits) for the batch. ``attack_model`` is the unwrapped model."""
+        logits = model(self.perturb(attack_model, x, y))
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+
+    def perturb(self, attack_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def after_backward(self) -> None:
+        """Hook run after each backward pass (free training updates its perturbation here)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State that must survive a checkpoint for a resumed run to match an uninterrupted one."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+@dataclass
+class PGDObjective(Objective):
+    threat: ThreatModel = field(default_factory=lambda: ThreatModel("l2", 0.0))
+    steps: int = 7
+    step_size: float | None = None
+    random_start: bool = True
+
+    def perturb(self, attack_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Training attacks keep the last iterate, as in Madry et al.; best-iterate is for evaluation.
+        return pgd(attack_model, x, y, self.threat, steps=self.steps, step_size=self.step_size,
+                   random_start=self.random_start, use_best=False)
+
+
+@dataclass
+class FGSMRSObjective(Objective):
+    threat: ThreatModel = field(default_factory=lambda: ThreatModel("linf", 0.0))
+    step_size: float | None = None
+
+    def perturb(self, attack_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        step = 1.25 * self.threat.eps if self.step_size is None else self.step_size
+        return pgd(attack_model, x, y, self.threat, steps=1, step_size=step, random_start=True,
+                   use_best=False)
+
+
+@dataclass
+class FreeObjective(Objective):
+    """Free adversarial training: the model trains on x + delta, delta ascends on the same backward."""
+
+    threat: ThreatModel = field(default_factory=lambda: ThreatModel("linf", 0.0))
+    step_size: float | None = None
+    replays: int = 4
+    _delta: torch.Tensor | None = field(default=None, repr=False)
+    _x: torch.Tensor | None = field(default=None, repr=False)
+    _x_adv: torch.Tensor | None = field(default=None, repr=False)
+
+    def loss(self, model: nn.Module, attack_model: nn.Module, x: torch.Tensor,
+             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._delta is None or self._delta.shape != x.shape:
+            self._delta = torch.zeros_like(x, dtype=torch.float32)
+        self._delta = self._delta.to(x.device)
+        self._x = x
+        self._x_adv = self.threat.project(x.float() + self._delta, x).requires_grad_(True)
+        logits = model(self._x_adv)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+
+    def after_backward(self) -> None:
+        if self._x_adv is None or self._x_adv.grad is None:
+            return
+        step = self.threat.eps if self.step_size is None else self.step_size
+        moved = self.threat.project(self.threat.step(self._x_adv.detach(), self._x_adv.grad, step), self._x)
+        self._delta = (moved.float() - self._x.float()).detach()
+        self._x_adv = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self._delta is None else {"delta": self._delta.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._delta = state.get("delta")
+
+
+def make_objective(method: str, threat: ThreatModel | None = None, attack_steps: int = 7,
+                   attack_step_size: float | None = None, random_start: bool = True,
+                   free_replays: int = 4, label_smoothing: float = 0.0) -> Objective:
+    """Build the objective for ``method`` (one of METHODS). eps = 0 makes any method standard."""
+    if method not in METHODS:
+        raise RobustTransferError(f"unknown training method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "standard" or threat is None or threat.eps == 0:
+        return Objective(label_smoothing=label_smoothing)
+    if method == "pgd":
+        if attack_steps < 1:
+            raise RobustTransferError(f"--attack-steps must be >= 1 for pgd training, got {attack_steps}")
+        return PGDObjective(label_smoothing=label_smoothing, threat=threat, steps=attack_steps,
+                            step_size=attack_step_size, random_start=random_start)
+    if method == "fgsm-rs":
+        return FGSMRSObjective(label_smoothing=label_smoothing, threat=threat, step_size=attack_step_size)
+    if free_replays < 1:
+        raise RobustTransferError(f"--free-replays must be >= 1, got {free_replays}")
+    return FreeObjective(label_smoothing=label_smoothing, threat=threat, step_size=attack_step_size,
+                         replays=free_replays)

@@ -1,0 +1,36 @@
+"""One optimiser step on one batch: forward under the chosen precision, backward, update."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import RobustTransferError
+from ..runtime import autocast
+from .objectives import Objective
+
+
+class NonFiniteLossError(RobustTransferError):
+    """The loss was NaN or infinite; the training loop adds where it happened."""
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+               x: torch.Tensor, y: torch.Tensor, *, precision: str, device: torch.device,
+               attack_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one step and return (loss, logits), both detached.
+
+    ``model`` is what is trained (possibly wrapped for data parallelism); ``attack_model`` is the
+    plain module the attack differentiates through (defaults to ``model``). bf16 needs no loss
+    scaling, so fp32 and bf16 share this path.
+    """
+    model.train()
+    with autocast(precision, device):
+        loss, logits = objective.loss(model, attack_model or model, x, y)
+    if not torch.isfinite(loss):
+        # Checked before the update so the weights (and any checkpoint of them) stay finite.
+        raise NonFiniteLossError(f"the loss became {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    objective.after_backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
