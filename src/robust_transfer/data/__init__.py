@@ -5,7 +5,10 @@ Every dataset returns unnormalised float images in [0, 1], NCHW; models normalis
 
 from .batches import AUGMENTATIONS, make_batches
 from .memory import InMemoryDataset
-from .registry import list_datasets, load_dataset
+from .registry import DatasetEntry, LoadRequest, list_datasets, load_dataset, register_dataset
 from .splits import DatasetSplits
 
-__all__ = ["AUGMENTATIONS", "DatasetSplits", "InMemoryDataset", "list_datasets", "load_dataset", "make_batches"]
+__all__ = [
+    "AUGMENTATIONS", "DatasetEntry", "DatasetSplits", "InMemoryDataset", "LoadRequest", "list_datasets",
+    "load_dataset", "make_batches", "register_dataset",
+]

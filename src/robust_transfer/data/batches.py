@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import RobustTransferError
 from .memory import InMemoryDataset
 
-AUGMENTATIONS = ("none", "crop", "crop-flip")
+AUGMENTATIONS = ("none", "crop", "crop-flip", "resized-crop-flip")
 
 
 def epoch_order(size: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
@@ -23,10 +23,37 @@ def epoch_order(size: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip (the paper's training transform) on a whole batch at once.
+
+    Each image gets a box of random area (``scale`` of the image) and aspect (``ratio``), resampled
+    bilinearly back to the batch's size through one affine grid.
+    """
+    n = len(x)
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n).uniform_(torch.tensor(ratio[0]).log().item(), torch.tensor(ratio[1]).log().item(),
+                                        generator=generator)
+    aspect = log_ratio.exp()
+    width = (area * aspect).sqrt().clamp(max=1.0)   # as fractions of the image side
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    centre_x = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)
+    centre_y = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False).clamp_(0, 1)
+
+
 def augment_batch(x: torch.Tensor, augment: str, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding of side // 8 pixels, plus a horizontal flip for crop-flip."""
     if augment == "none" or len(x) == 0:
         return x
+    if augment == "resized-crop-flip":
+        return random_resized_crop_flip(x, generator)
     n, _, height, width = x.shape
     pad = max(1, min(height, width) // 8)
     shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +28,34 @@ from .splits import DatasetSplits, stratified_split
 DATA_HOME = Path(os.environ.get("ROBUST_TRANSFER_DATA", Path.home() / ".cache" / "robust-transfer" / "data"))
 TEST_FRACTION = 0.2  # for sets that come without a test split
 
-# name -> (loader(root) -> (train, val or None, test or None), default augmentation)
-Loader = Callable[[Path | None], tuple]
+DEFAULT_FOLDER_SIZE = 224  # image side for sets stored as image files, unless image_size says otherwise
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What a loader is asked for: the folder (None = its default place), image side and channels."""
+
+    root: Path | None
+    image_size: int | None
+    in_channels: int | None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registry entry: ``load(request) -> (train, val or None, test or None)`` and how to score it.
+
+    ``metric`` is ``"top1"`` or ``"mean_per_class"`` (the paper's choice for Aircraft, Pets,
+    Caltech-101/256 and Flowers).
+    """
+
+    load: Callable[[LoadRequest], tuple]
+    default_augment: str
+    metric: str = "top1"
+
+
+def register_dataset(name: str, entry: DatasetEntry) -> None:
+    """Add a dataset to the registry (used by the loader modules and by plug-ins)."""
+    _REGISTRY[name] = entry
 
 
 def _require(root: Path | None, name: str, layout: str) -> Path:
@@ -37,33 +64,38 @@ def _require(root: Path | None, name: str, layout: str) -> Path:
     return root
 
 
-def _fashion(root: Path | None) -> tuple:
+def _fashion(request: LoadRequest) -> tuple:
     hint = ("install it with: apt-get install dataset-fashion-mnist, or pass --data-root to a folder with the "
             "four IDX files")
-    train, test = load_idx_folder(root or FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES, hint)
+    train, test = load_idx_folder(request.root or FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES, hint)
     return train, None, test
 
 
-def _idx(root: Path | None) -> tuple:
-    folder = _require(root, "idx", "train-images-idx3-ubyte[.gz] and the other three MNIST-style files")
+def _idx(request: LoadRequest) -> tuple:
+    folder = _require(request.root, "idx", "train-images-idx3-ubyte[.gz] and the other three MNIST-style files")
     train, test = load_idx_folder(folder, None, "point --data-root at a folder with the four MNIST-style IDX files")
     return train, None, test
 
 
-def _cifar(name: str, root: Path | None) -> tuple:
-    train, test = load_cifar(name, root or DATA_HOME)
+def _cifar(name: str, request: LoadRequest) -> tuple:
+    train, test = load_cifar(name, request.root or DATA_HOME)
     return train, None, test
 
 
-_REGISTRY: dict[str, tuple[Loader, str]] = {
-    "fashion-mnist": (_fashion, "crop-flip"),
-    "animal-mnist": (lambda root: (load_animal_mnist(root), None, None), "crop-flip"),
-    "mnist-5k": (lambda root: (load_mnist_5k(), None, None), "crop"),
-    "digits": (lambda root: (load_digits(), None, None), "none"),
-    "cifar10": (functools.partial(_cifar, "cifar10"), "crop-flip"),
-    "cifar100": (functools.partial(_cifar, "cifar100"), "crop-flip"),
-    "idx": (_idx, "crop"),
-    "imagefolder": (None, "crop-flip"),  # built in load_dataset: it needs the image size and channels
+def _image_folder(request: LoadRequest) -> tuple:
+    folder = _require(request.root, "imagefolder", "train/<class>/<images> and val/ or test/")
+    return load_image_folder(folder, request.image_size or DEFAULT_FOLDER_SIZE, request.in_channels or 3)
+
+
+_REGISTRY: dict[str, DatasetEntry] = {
+    "fashion-mnist": DatasetEntry(_fashion, "crop-flip"),
+    "animal-mnist": DatasetEntry(lambda request: (load_animal_mnist(request.root), None, None), "crop-flip"),
+    "mnist-5k": DatasetEntry(lambda request: (load_mnist_5k(), None, None), "crop"),
+    "digits": DatasetEntry(lambda request: (load_digits(), None, None), "none"),
+    "cifar10": DatasetEntry(functools.partial(_cifar, "cifar10"), "crop-flip"),
+    "cifar100": DatasetEntry(functools.partial(_cifar, "cifar100"), "crop-flip"),
+    "idx": DatasetEntry(_idx, "crop"),
+    "imagefolder": DatasetEntry(_image_folder, "crop-flip"),
 }
 
 
@@ -102,13 +134,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
         raise RobustTransferError(f"unknown dataset {name!r}; choose one of: {', '.join(_REGISTRY)}")
     if not 0 < val_fraction < 1:
         raise RobustTransferError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    loader, default_augment = _REGISTRY[name]
+    entry = _REGISTRY[name]
     folder = Path(root).expanduser() if root is not None else None
-    if name == "imagefolder":
-        folder = _require(folder, name, "train/<class>/<images> and val/ or test/")
-        train, val, test = load_image_folder(folder, image_size or 224, in_channels or 3)
-    else:
-        train, val, test = loader(folder)
+    train, val, test = entry.load(LoadRequest(folder, image_size, in_channels))
     if test is None:
         kept, held = stratified_split(train.labels, TEST_FRACTION, seed)
         train, test = _subset(train, kept), _subset(train, held)
@@ -127,4 +155,4 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
     return DatasetSplits(
         name=name, train=train, val=val, test=test, num_classes=len(train.class_names),
         in_channels=sample.shape[0], image_size=sample.shape[-1], mean=mean, std=std,
-        class_names=list(train.class_names), default_augment=default_augment)
+        class_names=list(train.class_names), default_augment=entry.default_augment, metric=entry.metric)

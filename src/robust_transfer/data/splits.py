@@ -27,6 +27,7 @@ class DatasetSplits:
     std: tuple[float, ...]
     class_names: list[str]
     default_augment: str
+    metric: str = "top1"  # or "mean_per_class"
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..data import load_dataset, make_batches
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import create_model, save_model
+from ..rundir import prepare_output_dir
 from ..runtime import prepare_batch, prepare_model, resolve_precision, tune_malloc
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import PretrainConfig
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "model.safetensors"
 RESULTS_NAME = "results.json"
-MIN_FREE_BYTES = 200 * 2**20
 
 
 @dataclass
@@ -50,17 +49,7 @@ class PretrainResult:
 
 def _check_run_dir(run_dir: Path, config: PretrainConfig) -> None:
     """Fail before any work when the output folder is unusable or would be overwritten."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise RobustTransferError(f"cannot write to the output folder {run_dir}: {error.strerror}") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < MIN_FREE_BYTES:
-        raise RobustTransferError(
-            f"only {free / 2**20:.0f} MiB free on the disk of {run_dir}: free some space or choose another --out")
+    prepare_output_dir(run_dir)
     if (run_dir / CHECKPOINT_NAME).exists() and not config.resume:
         raise RobustTransferError(
             f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
@@ -164,7 +153,8 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
         test = _test(config, model, data.test, precision)
         metadata = {
             "threat": {"norm": config.norm, "eps": config.eps}, "recipe": config.recipe(),
-            "source_data": config.dataset, "accuracies": {"test": test}, "software": f"robust-transfer {__version__}",
+            "source_data": config.dataset, "input_size": data.image_size, "accuracies": {"test": test},
+            "software": f"robust-transfer {__version__}",
         }
         save_model(model.cpu(), run_dir / MODEL_NAME, metadata)
         atomic_write_text(run_dir / RESULTS_NAME, json.dumps({

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -16,14 +18,19 @@ class NonFiniteLossError(RobustTransferError):
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
                x: torch.Tensor, y: torch.Tensor, *, precision: str, device: torch.device,
-               attack_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               attack_model: nn.Module | None = None,
+               train_mode: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one step and return (loss, logits), both detached.
 
     ``model`` is what is trained (possibly wrapped for data parallelism); ``attack_model`` is the
-    plain module the attack differentiates through (defaults to ``model``). bf16 needs no loss
-    scaling, so fp32 and bf16 share this path.
+    plain module the attack differentiates through (defaults to ``model``). ``train_mode`` puts
+    the model in training mode (default ``model.train()``; transfer keeps frozen BatchNorm in eval
+    mode). bf16 needs no loss scaling, so fp32 and bf16 share this path.
     """
-    model.train()
+    if train_mode is None:
+        model.train()
+    else:
+        train_mode(model)
     with autocast(precision, device):
         loss, logits = objective.loss(model, attack_model or model, x, y)
     if not torch.isfinite(loss):
