@@ -3,6 +3,7 @@
 Every dataset returns unnormalised float images in [0, 1], NCHW; models normalise inside.
 """
 
+from . import transfer_sets  # noqa: F401  (registers the 12 transfer datasets)
 from .batches import AUGMENTATIONS, make_batches
 from .memory import InMemoryDataset
 from .registry import DatasetEntry, LoadRequest, list_datasets, load_dataset, register_dataset

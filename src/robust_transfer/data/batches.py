@@ -1,7 +1,13 @@
 """Mini-batches whose order and augmentation depend only on (seed, epoch, batch index).
 
 That makes an epoch reproducible after a crash (resume needs no loader state) and makes each
-process of a data-parallel run see exactly its share of the batch a single process would see.
+process of a data-parallel run see exactly its share of the batch a single process would see:
+
+- order: ``torch.randperm(N, generator=Generator().manual_seed(seed * 1_000_003 + epoch))`` when
+  shuffling, else 0..N-1; global batches are consecutive ``batch_size`` slices of it;
+- sharding: rank r of w gets rows r, r + w, r + 2w, ... of every global batch;
+- augmentation: drawn for the whole global batch from a generator seeded with (seed, epoch,
+  batch index), after which each rank keeps its rows.
 """
 
 from __future__ import annotations
@@ -12,71 +18,39 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import RobustTransferError
+from .augment import AUGMENTATIONS, apply_augmentation, augment_batch, draw_augmentation
 from .memory import InMemoryDataset
 
-AUGMENTATIONS = ("none", "crop", "crop-flip", "resized-crop-flip")
+__all__ = ["AUGMENTATIONS", "Batches", "augment_batch", "batch_generator", "epoch_order", "make_batches"]
 
 
 def epoch_order(size: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which one epoch visits the examples (a seeded permutation, or 0..size-1)."""
     if not shuffle:
         return torch.arange(size)
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip (the paper's training transform) on a whole batch at once.
-
-    Each image gets a box of random area (``scale`` of the image) and aspect (``ratio``), resampled
-    bilinearly back to the batch's size through one affine grid.
-    """
-    n = len(x)
-    area = torch.empty(n).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n).uniform_(torch.tensor(ratio[0]).log().item(), torch.tensor(ratio[1]).log().item(),
-                                        generator=generator)
-    aspect = log_ratio.exp()
-    width = (area * aspect).sqrt().clamp(max=1.0)   # as fractions of the image side
-    height = (area / aspect).sqrt().clamp(max=1.0)
-    centre_x = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)
-    centre_y = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
-    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
-                                           align_corners=False).clamp_(0, 1)
-
-
-def augment_batch(x: torch.Tensor, augment: str, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding of side // 8 pixels, plus a horizontal flip for crop-flip."""
-    if augment == "none" or len(x) == 0:
-        return x
-    if augment == "resized-crop-flip":
-        return random_resized_crop_flip(x, generator)
-    n, _, height, width = x.shape
-    pad = max(1, min(height, width) // 8)
-    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-    flips = torch.rand(n, generator=generator) < 0.5 if augment == "crop-flip" else torch.zeros(n, dtype=torch.bool)
-    channels = x.shape[1]
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (shifts[:, 0:1] + torch.arange(height)).view(n, 1, height, 1)
-    rows = rows.expand(n, channels, height, padded.shape[3])
-    cols = shifts[:, 1:2] + torch.arange(width)
-    cols = torch.where(flips.view(n, 1), cols.flip(1), cols).view(n, 1, 1, width)
-    return padded.gather(2, rows).gather(3, cols.expand(n, channels, height, width))
+def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator that draws the augmentation of global batch ``index`` of ``epoch``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + index)
 
 
 class Batches:
-    """An iterable of (images float32 NCHW in [0, 1], labels int64) with a length."""
+    """An iterable of (images float32 NCHW in [0, 1], labels int64) for one epoch, with a length.
+
+    ``len()`` is the number of global batches; every rank yields that many (a rank's share of a
+    last partial batch may be empty).
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, augment: str,
                  rank: int, world_size: int, drop_last: bool, num_workers: int) -> None:
         if augment not in AUGMENTATIONS:
-            raise RobustTransferError(f"unknown augmentation {augment!r}: use one of {', '.join(AUGMENTATIONS)}")
+            choices = ", ".join(AUGMENTATIONS)
+            raise RobustTransferError(f"unknown augmentation {augment!r}: use one of {choices}")
         if batch_size < 1:
             raise RobustTransferError(f"batch size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
+        if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.dataset, self.batch_size, self.augment = dataset, batch_size, augment
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
@@ -93,23 +67,39 @@ class Batches:
             return self._from_memory()
         return self._from_loader()
 
-    def _augmented_share(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Augment the whole global batch with its own generator, then keep this rank's rows."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + index)
-        return augment_batch(x, self.augment, generator)[self.rank::self.world_size]
+    def _share(self, members: torch.Tensor) -> torch.Tensor:
+        return members[self.rank::self.world_size]
+
+    def _augment_share(self, x: torch.Tensor, index: int, global_size: int) -> torch.Tensor:
+        """Draw the augmentation for the whole global batch, then apply this rank's rows of it to ``x``."""
+        if self.augment == "none":
+            return x.contiguous()
+        params = draw_augmentation(self.augment, global_size, x.shape[-2], x.shape[-1],
+                                   batch_generator(self.seed, self.epoch, index))
+        return apply_augmentation(x, params.rows(slice(self.rank, None, self.world_size))).contiguous()
 
     def _from_memory(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # uint8 tensors in memory: index them directly, convert only this rank's rows.
         for index, members in enumerate(self.global_batches):
-            x = self.dataset.images[members].float().div_(255)
-            y = self.dataset.labels[members]
-            yield self._augmented_share(x, index).contiguous(), y[self.rank::self.world_size]
+            share = self._share(members)
+            x = self.dataset.images[share].float().div_(255)
+            yield self._augment_share(x, index, len(members)), self.dataset.labels[share]
 
     def _from_loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Workers decode the whole global batch only when augmentation needs it; otherwise just our share.
-        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in self.global_batches],
-                            num_workers=self.num_workers, persistent_workers=False)
-        for index, (x, y) in enumerate(loader):
-            yield self._augmented_share(x.float(), index).contiguous(), y.long()[self.rank::self.world_size]
+        # Workers decode only this rank's rows; empty shares (a short last batch) are not sent to them.
+        shares = [self._share(members).tolist() for members in self.global_batches]
+        loader = iter(DataLoader(self.dataset, batch_sampler=[s for s in shares if s],
+                                 num_workers=self.num_workers))
+        empty: tuple[torch.Tensor, torch.Tensor] | None = None
+        for index, (members, share) in enumerate(zip(self.global_batches, shares, strict=True)):
+            if not share:
+                if empty is None:
+                    shape = tuple(self.dataset[int(members[0])][0].shape)
+                    empty = torch.empty((0, *shape)), torch.empty(0, dtype=torch.long)
+                yield empty
+                continue
+            x, y = next(loader)
+            yield self._augment_share(x.float(), index, len(members)), torch.as_tensor(y).long()
 
 
 def make_batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
@@ -117,6 +107,10 @@ def make_batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int 
                  num_workers: int = 0) -> Batches:
     """Batches of ``dataset`` for one epoch; see the module docstring for the guarantees.
 
-    Rank ``r`` of ``world_size`` gets rows r, r + world_size, ... of every global batch.
+    Rank ``r`` of ``world_size`` gets rows r, r + world_size, ... of every global batch, with
+    the augmentation those rows get in a single-process run. Datasets holding a uint8
+    ``images`` tensor (`InMemoryDataset`) are indexed directly; others go through a
+    DataLoader with ``num_workers`` workers.
     """
-    return Batches(dataset, batch_size, shuffle, seed, epoch, augment, rank, world_size, drop_last, num_workers)
+    return Batches(dataset, batch_size, shuffle, seed, epoch, augment, rank, world_size, drop_last,
+                   num_workers)

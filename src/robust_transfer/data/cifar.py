@@ -12,10 +12,12 @@ from .memory import InMemoryDataset
 from .safe_pickle import load_arrays
 
 LAYOUTS = {
-    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
-                "test": ["test_batch"], "labels": "labels", "meta": "batches.meta", "names": "label_names"},
-    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "test": ["test"], "labels": "fine_labels",
-                 "meta": "meta", "names": "fine_label_names"},
+    "cifar10": {"folder": "cifar-10-batches-py", "archive": "cifar-10-python.tar.gz",
+                "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
+                "labels": "labels", "meta": "batches.meta", "names": "label_names"},
+    "cifar100": {"folder": "cifar-100-python", "archive": "cifar-100-python.tar.gz",
+                 "train": ["train"], "test": ["test"],
+                 "labels": "fine_labels", "meta": "meta", "names": "fine_label_names"},
 }
 
 
@@ -34,14 +36,20 @@ def load_cifar(name: str, root: Path) -> tuple[InMemoryDataset, InMemoryDataset]
     expected = layout["train"] + layout["test"] + [layout["meta"]]
     missing = [f for f in expected if not (folder / f).is_file()]
     if missing:
-        found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else "the folder does not exist"
+        found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else "no such folder"
         raise RobustTransferError(
             f"{name} not found in {folder}: expected the python version's files {', '.join(expected)}; "
             f"missing {', '.join(missing)} (found: {found}). "
-            f"Extract {layout['folder']}.tar.gz there or pass --data-root")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _read(folder / layout["meta"])[layout["names"]]]
+            f"Extract {layout['archive']} (the python version) there or pass --data-root; "
+            "nothing is downloaded")
+    meta = _read(folder / layout["meta"])
+    if layout["names"] not in meta:
+        raise RobustTransferError(
+            f"{folder / layout['meta']} lacks {layout['names']!r}: not a {name} meta file")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout["names"]]]
 
     def split(files: list[str]) -> InMemoryDataset:
+        """The images and labels of ``files`` concatenated."""
         images, labels = [], []
         for file in files:
             batch = _read(folder / file)
@@ -50,7 +58,7 @@ def load_cifar(name: str, root: Path) -> tuple[InMemoryDataset, InMemoryDataset]
                 labels.append(np.asarray(batch[layout["labels"]], dtype=np.int64))
             except (KeyError, ValueError) as error:
                 raise RobustTransferError(f"{folder / file} is not a CIFAR batch ({error})") from None
-        return InMemoryDataset(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
-                               names)
+        return InMemoryDataset(torch.from_numpy(np.concatenate(images)),
+                               torch.from_numpy(np.concatenate(labels)), names)
 
     return split(layout["train"]), split(layout["test"])

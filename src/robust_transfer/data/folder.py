@@ -23,15 +23,29 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 IN_MEMORY_LIMIT_BYTES = 2 * 2**30
+# What PIL raises on a file that is not an image, is cut short, or is a decompression bomb.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
+                 Image.DecompressionBombError)
+
+
+def _scale_to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float gray as 8-bit gray, scaled by the format's range rather than clipped."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        peak = 65535.0
+    elif image.mode == "F" and array.size and array.max() <= 1.0:
+        peak = 1.0
+    else:  # "I" / "F": 16-bit content stored wide, or already 0..255
+        peak = 65535.0 if array.size and array.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(array / peak * 255), 0, 255).astype(np.uint8), mode="L")
 
 
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit gray: scale to 8 bits rather than clip everything above 255 to white.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode in ("RGBA", "LA", "P", "PA"):
+    """RGB (or L for ``channels == 1``) from any mode; transparency is composited on white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = _scale_to_8_bits(image)
+    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -42,7 +56,7 @@ def decode_image(path: Path, size: int, channels: int) -> torch.Tensor:
     """A uint8 [C, size, size] tensor: shorter side resized to ``size``, then centre-cropped."""
     with Image.open(path) as image:
         image.load()
-        image = _to_mode(image, channels)
+        image = _to_mode(ImageOps.exif_transpose(image), channels)
         image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
@@ -51,9 +65,11 @@ def decode_image(path: Path, size: int, channels: int) -> torch.Tensor:
 
 
 def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    """Class name -> its image files (by extension; hidden files and folders are ignored)."""
     classes = {}
-    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         classes[folder.name] = files
     return classes
 
@@ -73,7 +89,8 @@ def scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[Pat
     unknown = [name for name, files in classes.items() if files and name not in class_names]
     if unknown:
         raise RobustTransferError(
-            f"{split_dir} has class folder(s) that train/ lacks: {', '.join(unknown[:5])}")
+            f"{split_dir} has class folder(s) that train/ lacks: {', '.join(unknown[:5])}; "
+            "every class must have a folder with images under train/")
     paths, labels = [], []
     for label, name in enumerate(class_names):
         for path in classes.get(name, []):
@@ -87,11 +104,13 @@ class FolderDataset(Dataset):
 
     def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], size: int,
                  channels: int) -> None:
-        self.paths, self.labels, self.class_names = paths, torch.tensor(labels, dtype=torch.long), class_names
+        self.paths, self.class_names = paths, class_names
+        self.labels = torch.tensor(labels, dtype=torch.long)
         self.size, self.channels = size, channels
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (folders under train/ with images)."""
         return len(self.class_names)
 
     def __len__(self) -> int:
@@ -100,8 +119,11 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
             image = decode_image(self.paths[index], self.size, self.channels)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise RobustTransferError(f"cannot decode {self.paths[index]}: {error}") from None
+        except DECODE_ERRORS as error:
+            raise RobustTransferError(
+                f"cannot decode {self.paths[index]} ({type(error).__name__}: {error}): "
+                "remove or replace the file"
+            ) from None
         return image.float().div_(255), int(self.labels[index])
 
 
@@ -110,20 +132,24 @@ def load_split(paths: list[Path], labels: list[int], class_names: list[str], siz
     """Decode a split into memory when it fits, skipping (and counting) files that do not decode."""
     if len(paths) * channels * size * size > IN_MEMORY_LIMIT_BYTES:
         return FolderDataset(paths, labels, class_names, size, channels)
-    images, kept, bad = [], [], []
-    for path, label in tqdm(list(zip(paths, labels, strict=True)), desc=f"decode {description}", unit="img",
-                            leave=False, disable=len(paths) < 500):
+    images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)  # filled in place: no 2x peak
+    kept, bad = [], []
+    progress = tqdm(paths, desc=f"decode {description}", unit="img", leave=False,
+                    disable=None if len(paths) >= 500 else True)  # None: only on a terminal
+    for index, path in enumerate(progress):
         try:
-            images.append(decode_image(path, size, channels))
-            kept.append(label)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            images[len(kept)] = decode_image(path, size, channels)
+            kept.append(labels[index])
+        except DECODE_ERRORS as error:
             bad.append(f"{path.name} ({type(error).__name__})")
     if bad:
-        log.warning("%s: skipped %d file(s) that do not decode: %s%s", description, len(bad), ", ".join(bad[:3]),
-                    " ..." if len(bad) > 3 else "")
-    if not images:
-        raise RobustTransferError(f"{description}: no decodable image among {len(paths)} file(s)")
-    return InMemoryDataset(torch.stack(images), torch.tensor(kept, dtype=torch.long), class_names)
+        log.warning("%s: skipped %d file(s) that do not decode: %s%s", description, len(bad),
+                    ", ".join(bad[:3]), " ..." if len(bad) > 3 else "")
+    if not kept:
+        raise RobustTransferError(f"{description}: none of its {len(paths)} image file(s) decodes; "
+                                  "check that they are images (jpg, png, ...)")
+    images = images[:len(kept)].clone() if bad else images
+    return InMemoryDataset(images, torch.tensor(kept, dtype=torch.long), class_names)
 
 
 def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Dataset | None, Dataset]:
@@ -131,7 +157,8 @@ def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Da
     layout = "root/train/<class>/<images> plus root/val/<class>/... and/or root/test/<class>/..."
     if not (root / "train").is_dir():
         found = sorted(p.name for p in root.iterdir())[:8] if root.is_dir() else "the folder does not exist"
-        raise RobustTransferError(f"{root} is not an image folder dataset: expected {layout}; found {found}")
+        raise RobustTransferError(f"{root} is not an image folder dataset: expected {layout}; "
+                                  f"found {found}")
     held_out = [name for name in ("val", "test") if (root / name).is_dir()]
     if not held_out:
         raise RobustTransferError(f"{root} has train/ but neither val/ nor test/: expected {layout}")
@@ -140,7 +167,10 @@ def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Da
     splits = {}
     for name in held_out:
         split_paths, split_labels, _ = scan_split(root / name, class_names)
-        splits[name] = load_split(split_paths, split_labels, class_names, size, channels, f"{root.name}/{name}")
+        if not split_paths:
+            raise RobustTransferError(f"{root / name} holds no image files: expected {layout}")
+        splits[name] = load_split(split_paths, split_labels, class_names, size, channels,
+                                  f"{root.name}/{name}")
     if len(held_out) == 2:
         return train, splits["val"], splits["test"]
     return train, None, splits[held_out[0]]

@@ -14,7 +14,7 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 
 def find_idx_file(root: Path, stem: str) -> Path | None:
-    """``stem`` or ``stem.gz`` inside ``root``; also accepts the common dotted spelling (train-images.idx3-ubyte)."""
+    """``stem`` or ``stem.gz`` inside ``root``; also the dotted spelling (train-images.idx3-ubyte)."""
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (root / name).is_file():
             return root / name

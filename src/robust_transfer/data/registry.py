@@ -60,20 +60,22 @@ def register_dataset(name: str, entry: DatasetEntry) -> None:
 
 def _require(root: Path | None, name: str, layout: str) -> Path:
     if root is None:
-        raise RobustTransferError(f"dataset {name!r} needs its folder: pass root= (--data-root) holding {layout}")
+        raise RobustTransferError(
+            f"dataset {name!r} needs its folder: pass root= (--data-root) holding {layout}")
     return root
 
 
 def _fashion(request: LoadRequest) -> tuple:
-    hint = ("install it with: apt-get install dataset-fashion-mnist, or pass --data-root to a folder with the "
-            "four IDX files")
+    hint = ("install it with: apt-get install dataset-fashion-mnist, or pass --data-root to a folder "
+            "with the four IDX files")
     train, test = load_idx_folder(request.root or FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES, hint)
     return train, None, test
 
 
 def _idx(request: LoadRequest) -> tuple:
-    folder = _require(request.root, "idx", "train-images-idx3-ubyte[.gz] and the other three MNIST-style files")
-    train, test = load_idx_folder(folder, None, "point --data-root at a folder with the four MNIST-style IDX files")
+    folder = _require(request.root, "idx", "train-images-idx3-ubyte[.gz] and the other three IDX files")
+    hint = "point --data-root at a folder with the four MNIST-style IDX files"
+    train, test = load_idx_folder(folder, None, hint)
     return train, None, test
 
 
@@ -113,16 +115,43 @@ def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
     return subset
 
 
-def _stats(dataset: Dataset, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+_LAZY_STATS: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+STATS_SAMPLE = 512  # images decoded to estimate mean/std of a split too big for memory
+
+
+def _stats(dataset: Dataset, channels: int, key: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of the train split: exact in memory, from an even sample otherwise (memoised)."""
     if isinstance(dataset, InMemoryDataset):
         return dataset.channel_stats()
-    sample = torch.stack([dataset[i][0] for i in range(0, len(dataset), max(1, len(dataset) // 500))])
-    flat = sample.transpose(0, 1).reshape(channels, -1).double()
-    return tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-3).tolist())
+    if key not in _LAZY_STATS:
+        step = max(1, len(dataset) // STATS_SAMPLE)
+        sample = torch.stack([dataset[i][0] for i in range(0, len(dataset), step)])
+        flat = sample.transpose(0, 1).reshape(channels, -1).double()
+        _LAZY_STATS[key] = tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-3).tolist())
+    return _LAZY_STATS[key]
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0,
-                 image_size: int | None = None, in_channels: int | None = None) -> DatasetSplits:
+def _adapt(split: Dataset, image_size: int | None, in_channels: int | None, name: str) -> Dataset:
+    """Resize / convert an in-memory split; check that any other split already has what was asked."""
+    if isinstance(split, InMemoryDataset):
+        if image_size is not None:
+            split = split.resized(image_size)
+        if in_channels is not None:
+            split = split.with_channels(in_channels)
+        return split
+    shape = tuple(split[0][0].shape)
+    if (in_channels is not None and shape[0] != in_channels) or (image_size is not None and shape[1:] != (
+            image_size, image_size)):
+        raise RobustTransferError(
+            f"dataset {name!r} decodes to {shape[0]}x{shape[1]}x{shape[2]} images although "
+            f"in_channels={in_channels} and image_size={image_size} were asked for: "
+            "its loader must honour them")
+    return split
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1,
+                 seed: int = 0, image_size: int | None = None,
+                 in_channels: int | None = None) -> DatasetSplits:
     """Load ``name`` (see `list_datasets`) and return seeded, stratified train/val/test splits.
 
     Where the data has an official test split it is kept; validation is a ``val_fraction``
@@ -134,6 +163,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
         raise RobustTransferError(f"unknown dataset {name!r}; choose one of: {', '.join(_REGISTRY)}")
     if not 0 < val_fraction < 1:
         raise RobustTransferError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if in_channels not in (None, 1, 3):
+        raise RobustTransferError(f"in_channels must be 1 (gray) or 3 (colour), got {in_channels}")
+    if image_size is not None and image_size < 1:
+        raise RobustTransferError(f"image_size must be a positive number of pixels, got {image_size}")
     entry = _REGISTRY[name]
     folder = Path(root).expanduser() if root is not None else None
     train, val, test = entry.load(LoadRequest(folder, image_size, in_channels))
@@ -143,15 +176,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
     if val is None:
         kept, held = stratified_split(train.labels, val_fraction, seed + 1)
         train, val = _subset(train, kept), _subset(train, held)
-    if isinstance(train, InMemoryDataset):
-        adapt = lambda split: split
-        if image_size is not None:
-            adapt = lambda split, inner=adapt: inner(split).resized(image_size)
-        if in_channels is not None:
-            adapt = lambda split, inner=adapt: inner(split).with_channels(in_channels)
-        train, val, test = adapt(train), adapt(val), adapt(test)
+    train, val, test = (_adapt(split, image_size, in_channels, name) for split in (train, val, test))
     sample = train[0][0]
-    mean, std = _stats(train, sample.shape[0])
+    key = (name, str(folder), val_fraction, seed, image_size, in_channels, len(train))
+    mean, std = _stats(train, sample.shape[0], key)
     return DatasetSplits(
         name=name, train=train, val=val, test=test, num_classes=len(train.class_names),
         in_channels=sample.shape[0], image_size=sample.shape[-1], mean=mean, std=std,

