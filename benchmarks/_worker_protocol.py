@@ -9,7 +9,8 @@ Commands:
   {"cmd": "first", "out": PATH}         one training step from the initial weights; saves the
                                         adversarial batch to PATH (torch.save) and answers its loss
   {"cmd": "round", "warmup": W, "steps": N}
-                                        W untimed then N timed steps; answers per-step seconds
+                                        W untimed then N timed steps; answers per-step wall and
+                                        CPU (process_time, all threads) seconds and losses
   {"cmd": "quit"}
 
 This file needs only the standard library and torch, so it imports in every venv.
@@ -63,13 +64,14 @@ def serve(step: StepFn, proto, info: dict) -> None:
             elif msg["cmd"] == "round":
                 for _ in range(int(msg["warmup"])):
                     step()
-                times, losses = [], []
+                times, cpu_times, losses = [], [], []
                 for _ in range(int(msg["steps"])):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     loss, _x = step()
                     times.append(time.perf_counter() - t0)
+                    cpu_times.append(time.process_time() - c0)
                     losses.append(loss)
-                reply = {"times": times, "losses": losses}
+                reply = {"times": times, "cpu_times": cpu_times, "losses": losses}
             else:
                 reply = {"error": f"unknown command {msg['cmd']!r}"}
         except Exception:  # report to the driver rather than dying silently

@@ -2,11 +2,12 @@
 # Build (idempotently) a separate virtual environment holding MadryLab robustness==1.2.1,
 # the reference contender of benchmarks/pgd_training_step.py.
 #
-# robustness 1.2.1 pins nothing useful for current torch and pulls heavy or obsolete deps
-# (tensorboardX, grpcio, scipy, seaborn, GPUtil, cox -> ...). We install it with --no-deps and
-# then only what its import of `robustness.attacker`, `robustness.cifar_models` and
-# `robustness.datasets` actually needs. The worker script adds the one-line
-# `torchvision.models.utils` shim that current torchvision lacks.
+# robustness 1.2.1 declares heavy or obsolete dependencies (scipy, seaborn, matplotlib, tables,
+# grpcio, GPUtil, py3nvml, gitpython, ...) that the benchmark never touches. We install it (and
+# its logging helper cox) with --no-deps, then only what `import robustness.attacker` and
+# `robustness.cifar_models` need; pip then warns about the missing ones, which is expected.
+# benchmarks/_robustness_worker.py adds the `torchvision.models.utils` import shim and keeps the
+# library on the CPU.
 #
 # Usage:  bash benchmarks/setup_robustness_env.sh [VENV_DIR]
 # Default VENV_DIR: ~/.cache/robust-transfer/bench-robustness-venv

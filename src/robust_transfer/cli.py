@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfer_arguments(transfer)
     transfer.set_defaults(run=_run_transfer)
 
+    from .zoo_cli import add_zoo_parser
+
+    add_zoo_parser(commands)
+
     demo = commands.add_parser(
         "demo", help="robust vs standard pretraining on the embedded data, end to end",
         description="Pretrain a small ResNet on Fashion-MNIST at L2 eps 0 and 1, then measure clean and "

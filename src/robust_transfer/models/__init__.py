@@ -27,3 +27,22 @@ __all__ = [
     "save_model",
     "with_normalization",
 ]
+
+from .export import EXPORT_FORMATS, export_model  # noqa: E402  (checkpoint import/export, robust_transfer.zoo)
+from .legacy import convert_state_dict, infer_architectures, load_foreign  # noqa: E402
+
+__all__ += ["EXPORT_FORMATS", "convert_state_dict", "export_model", "infer_architectures", "load_foreign"]
+
+# Stages for partial transfer and new heads (`stages()` itself stays in models.stages, so that the
+# package attribute `stages` keeps naming the module).
+from .stages import (  # noqa: E402
+    FrozenInfo,
+    MLPHead,
+    freeze_stages,
+    head_name,
+    num_stages,
+    replace_head,
+    set_train_mode,
+)
+
+__all__ += ["FrozenInfo", "MLPHead", "freeze_stages", "head_name", "num_stages", "replace_head", "set_train_mode"]

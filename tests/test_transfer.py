@@ -1,0 +1,114 @@
+"""Transfer end to end on the embedded data: Fashion-MNIST source, Animal-MNIST / MNIST-5k / digits targets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robust_transfer.cli import main
+from robust_transfer.models import load_model
+from robust_transfer.models.stages import stages
+from robust_transfer.train import PretrainConfig, pretrain
+from robust_transfer.transfer import transfer
+from robust_transfer.transfer.linear_probe import fit_linear_head
+from robust_transfer.transfer.metrics import score
+
+
+@pytest.fixture(scope="session")
+def source_path(tmp_path_factory):
+    """A small robust source model trained briefly on real Fashion-MNIST."""
+    out = tmp_path_factory.mktemp("source")
+    run = pretrain(PretrainConfig(dataset="fashion-mnist", arch="small_resnet", method="pgd", eps=0.5, attack_steps=2,
+                                  train_examples=512, epochs=1, batch_size=64, eval_examples=64, eval_steps=2,
+                                  test_examples=64, test_steps=2, out_dir=str(out), progress=False))
+    return str(run.model_path)
+
+
+def _changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix) and before[k].is_floating_point()]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_fixed_feature_fast_protocol_writes_a_record_and_reuses_features(tmp_path, source_path):
+    common = dict(source=source_path, dataset="animal-mnist", mode="fixed", cache_dir=str(tmp_path / "cache"),
+                  penalties=[1e-4, 1e-2, 1.0], progress=False, eval_eps=0.25, eval_steps=3, eval_examples=64)
+    first = transfer(out_dir=str(tmp_path / "a"), **common)
+    record = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert record["test"]["score"] == first.test_score > 0.2  # 10 classes: chance is 0.1
+    assert record["selection"]["by"] == "penalty" and len(record["selection"]["val_scores"]) == 3
+    assert record["source"]["content_sha256"] and record["source"]["threat"] == {"norm": "l2", "eps": 0.5}
+    assert record["config"]["mode"] == "fixed" and record["timings"]["features_s"] > 0
+    assert record["robust"]["robust_acc"] <= record["robust"]["clean_acc"]
+    second = transfer(out_dir=str(tmp_path / "b"), **common)
+    assert second.record["timings"]["cached_splits"] == 3 and second.record["timings"]["features_s"] == 0
+    assert second.test_score == pytest.approx(first.test_score)
+    # The head went into the model: its own predictions give the recorded score.
+    model = load_model(first.model_path)
+    assert model.spec.num_classes == 10
+    source = load_model(source_path).state_dict()
+    target = model.state_dict()
+    assert not _changed(source, target, "model.layer")  # the backbone is untouched
+
+
+def test_partial_transfer_freezes_exactly_the_first_stages(tmp_path, source_path):
+    result = transfer(source=source_path, dataset="digits", mode="partial:1", epochs=1, lrs=[0.05], refit=False,
+                      batch_size=32, out_dir=str(tmp_path), progress=False)
+    source, target = load_model(source_path), load_model(result.model_path)
+    before, after = source.state_dict(), target.state_dict()
+    first_stage = stages(source)[0]
+    for name in first_stage:
+        assert not _changed(before, after, f"model.{name}."), name  # frozen, BatchNorm statistics included
+    assert _changed(before, after, "model.layer2.") and _changed(before, after, "model.layer3.")
+    assert result.record["selection"]["frozen_stages"] == 1
+    assert target.spec.num_classes == 10 and result.record["target"]["image_size"] == 28  # digits upsampled
+
+
+def test_full_network_changes_everything_and_picks_a_learning_rate(tmp_path, source_path):
+    result = transfer(source=source_path, dataset="mnist-5k", mode="full", epochs=1, lrs=[0.05, 0.005],
+                      train_examples=512, out_dir=str(tmp_path), progress=False)
+    before, after = load_model(source_path).state_dict(), load_model(result.model_path).state_dict()
+    assert _changed(before, after, "model.conv1.") and _changed(before, after, "model.layer3.")
+    assert set(result.record["selection"]["val_scores"]) == {"0.05", "0.005"}
+    assert result.record["selection"]["chosen"] in (0.05, 0.005)
+
+
+def test_paper_protocol_trains_only_the_head(tmp_path, source_path):
+    result = transfer(source=source_path, dataset="digits", mode="fixed", protocol="paper", epochs=1, lrs=[0.01],
+                      refit=False, out_dir=str(tmp_path), progress=False)
+    before, after = load_model(source_path).state_dict(), load_model(result.model_path).state_dict()
+    assert not _changed(before, after, "model.layer") and not _changed(before, after, "model.bn1.")
+    assert result.record["protocol"] == "paper"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "partial:9"], "partial:0 .. partial:3"),
+    (["--mode", "sideways"], "unknown mode"),
+    (["--protocol", "paper", "--mode", "full"], "applies to --mode fixed"),
+    (["--eval-eps", "-1"], "eps must be"),
+])
+def test_bad_transfer_input_is_one_line_and_exit_2(tmp_path, capsys, source_path, args, message):
+    code = main(["transfer", source_path, "--dataset", "digits", "--out-dir", str(tmp_path), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_linear_probe_picks_a_penalty_on_validation_and_maps_back_to_raw_features():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=generator) * 3
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    features = centres[labels] + torch.randn(300, 20, generator=generator) + 50  # offset: standardisation matters
+    head = fit_linear_head(features[:200], labels[:200], features[200:250], labels[200:250], 3,
+                           penalties=[1e-4, 1e-1, 100.0])
+    assert set(head.val_scores) == {1e-4, 1e-1, 100.0} and head.penalty in head.val_scores
+    accuracy = ((features[250:] @ head.weight.T + head.bias).argmax(1) == labels[250:]).float().mean()
+    assert accuracy > 0.95
+
+
+def test_mean_per_class_accuracy_weights_classes_equally():
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    predictions = torch.tensor([0, 0, 0, 0, 0])
+    assert score(predictions, labels, 2, "top1") == pytest.approx(0.8)
+    assert score(predictions, labels, 2, "mean_per_class") == pytest.approx(0.5)
