@@ -29,6 +29,7 @@ from robust_transfer.models import (
     load_model,
     save_model,
 )
+from robust_transfer.transfer import transfer
 from robust_transfer.zoo import MANIFEST, import_model, list_models, zoo_entry
 from robust_transfer.zoo_cli import add_zoo_parser
 
@@ -491,3 +492,14 @@ def test_user_models_are_registered_the_same_way(tmp_path, capsys):
     (zoo_dir / "mymodel.safetensors").unlink()
     with pytest.raises(RobustTransferError, match="registered .* but its file .* is missing"):
         load_model("mymodel", model_dir=zoo_dir)
+
+
+def test_a_released_checkpoint_imported_into_the_zoo_transfers_by_name(released_resnet18, tmp_path, monkeypatch):
+    # The whole path a user takes: place the released file, import it under its zoo name, transfer by name.
+    monkeypatch.setenv("ROBUST_TRANSFER_MODELS", str(tmp_path / "models"))
+    import_model(released_resnet18, "resnet18_l2_eps3")
+    result = transfer(source="resnet18_l2_eps3", dataset="digits", mode="fixed", image_size=32,
+                      penalties=[1e-2], out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                      progress=False, precision="fp32")
+    assert result.record["source"]["arch"] == "resnet18" and result.record["target"]["in_channels"] == 3
+    assert load_model(result.model_path).spec.num_classes == 10
