@@ -24,10 +24,9 @@ from robust_transfer.models import (
     num_stages,
     replace_head,
     set_train_mode,
-    stages,
     with_normalization,
 )
-from robust_transfer.models.stages import _blocks, _family, _resolution_stages
+from robust_transfer.models.stages import _blocks, _family, _resolution_stages, stages
 
 RESNET = [["conv1", "bn1", "layer1"], ["layer2"], ["layer3"], ["layer4"]]
 
