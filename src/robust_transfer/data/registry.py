@@ -115,6 +115,13 @@ def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
     return subset
 
 
+def first_examples(dataset: Dataset, count: int | None) -> Dataset:
+    """The first ``count`` examples of a split (all of it when ``count`` is None or larger)."""
+    if count is None or count >= len(dataset):
+        return dataset
+    return _subset(dataset, torch.arange(count))
+
+
 _LAZY_STATS: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 STATS_SAMPLE = 512  # images decoded to estimate mean/std of a split too big for memory
 

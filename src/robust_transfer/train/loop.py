@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..data import load_dataset, make_batches
+from ..data import first_examples, load_dataset, make_batches
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import create_model, save_model
@@ -69,14 +68,6 @@ def _resume_state(run_dir: Path, config: PretrainConfig) -> dict[str, Any] | Non
     return state
 
 
-def _train_subset(dataset, count: int | None):
-    if count is None or count >= len(dataset):
-        return dataset
-    if hasattr(dataset, "subset"):
-        return dataset.subset(torch.arange(count))
-    return Subset(dataset, range(count))
-
-
 def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> PretrainResult:
     """Train a source model with ``config`` (or the defaults updated by keyword ``overrides``).
 
@@ -99,7 +90,7 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
 
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed)
-    train_set = _train_subset(data.train, config.train_examples)
+    train_set = first_examples(data.train, config.train_examples)
     augment = config.augment or data.default_augment
     model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                          mean=data.mean, std=data.std)

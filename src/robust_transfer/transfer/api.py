@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import ConcatDataset
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..data import InMemoryDataset, load_dataset
+from ..data import InMemoryDataset, first_examples, load_dataset
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import load_model, save_model
@@ -52,12 +52,6 @@ class TransferResult:
         return self.record["test"]["score"]
 
 
-def _first(dataset, count: int | None):
-    if count is None or count >= len(dataset):
-        return dataset
-    return dataset.subset(torch.arange(count)) if hasattr(dataset, "subset") else Subset(dataset, range(count))
-
-
 def _concat(first, second):
     if isinstance(first, InMemoryDataset) and isinstance(second, InMemoryDataset):
         return InMemoryDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
@@ -83,7 +77,7 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     image_size = config.image_size or source.metadata.get("input_size")
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed,
                         image_size=image_size, in_channels=source.spec.in_channels)
-    train_set = _first(data.train, config.train_examples)
+    train_set = first_examples(data.train, config.train_examples)
     frozen = config.frozen_stages_spec()
     if frozen != "all" and not 0 <= frozen <= num_stages(source):
         raise RobustTransferError(f"{source.spec.arch} has {num_stages(source)} stages: use partial:0 .. "
