@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,14 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .errors import RobustTransferError
-from .models.checkpoint import RESERVED_KEYS, check_given_stats, load_saved, save_model, weights_path
+from .models.checkpoint import (
+    RESERVED_KEYS,
+    check_given_stats,
+    load_saved,
+    save_model,
+    sha256_file,
+    weights_path,
+)
 from .models.normalization import NormalizedModel
 from .models.spec import Stats
 
@@ -125,14 +131,6 @@ def model_directory(model_dir: str | os.PathLike[str] | None = None) -> Path:
     """The local model directory: ``model_dir``, else $ROBUST_TRANSFER_MODELS, else ~/.cache/robust-transfer/models."""
     chosen = model_dir if model_dir is not None else os.environ.get(ENV_VAR) or DEFAULT_DIR
     return Path(chosen).expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_registry(model_dir: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -50,6 +50,15 @@ def metadata_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks (model files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """Strip DataParallel / DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
     while True:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..atomic import atomic_open, atomic_write_text
 from ..errors import RobustTransferError
-from .checkpoint import FORMAT, _unwrap
+from .checkpoint import FORMAT, _unwrap, sha256_file
 from .legacy import EXPORT_FORMAT, TIMM_NAMES, TIMM_SAME_KEYS, timm_key_map, timm_module, timm_reference
 from .normalization import NormalizedModel
 from .registry import CUSTOM
@@ -70,14 +70,6 @@ def to_timm_state(model: NormalizedModel) -> tuple[str, dict[str, torch.Tensor],
             "export with --format torchvision instead"
         ) from None
     return TIMM_NAMES[spec.arch], converted, True
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_target(out: Path) -> Path:
@@ -168,6 +160,6 @@ def export_model(
     else:
         with atomic_open(out, "wb") as handle:
             torch.save(tensors, handle)
-        info["sha256"] = _sha256(out)
+        info["sha256"] = sha256_file(out)
     atomic_write_text(meta, json.dumps(info, indent=2) + "\n")
     return out, meta
