@@ -1,17 +1,24 @@
-"""The README's main command: the demo runs end to end and reuses finished work on a second call."""
+"""The README's main command: the demo study runs end to end and reuses finished work on a second call."""
 
 from __future__ import annotations
 
-from robust_transfer.demo import TARGETS, run_demo
+from robust_transfer.demo import QUICK, TARGETS, run_demo
+from robust_transfer.study import Store
 
 
-def test_quick_demo_prints_both_tables_and_reuses_its_runs(tmp_path):
+def test_quick_demo_prints_the_papers_table_and_reuses_its_runs(tmp_path):
     first = run_demo(tmp_path, quick=True, progress=False)
-    assert "| standard (eps 0) |" in first and "| robust (eps 1) |" in first
-    assert all(target in first for target in TARGETS) and "transfers better on" in first
-    results = sorted((tmp_path / "quick").glob("fashion-mnist-*/results.json"))
-    assert len(results) == 2
-    stamps = [path.stat().st_mtime_ns for path in results]
+    store_path = tmp_path / "quick" / "study.sqlite"
+    with Store(store_path, create=False) as store:
+        rows = store.rows()
+    sources = len(QUICK.source_eps)
+    # Per source: a pretraining, its evaluation, and fixed + full transfer to each target; all finished.
+    assert len(rows) == sources * (2 + 2 * len(TARGETS)) and all(r.status == "done" for r in rows)
+    assert all(target in first for target in TARGETS)
+    assert "robust sources win on" in first and "Fixed-feature" in first and "Full-network" in first
+    assert (tmp_path / "quick" / "report" / "report.html").is_file() and str(store_path) in first
+
     second = run_demo(tmp_path, quick=True, progress=False)
-    assert [path.stat().st_mtime_ns for path in results] == stamps  # pretraining was not redone
-    assert second.splitlines()[3:6] == first.splitlines()[3:6]  # the same models measure the same
+    with Store(store_path, create=False) as store:
+        assert [(r.key, r.finished) for r in store.rows()] == [(r.key, r.finished) for r in rows]  # nothing rerun
+    assert second == first  # the same store gives the same report

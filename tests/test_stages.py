@@ -17,12 +17,15 @@ from robust_transfer.errors import RobustTransferError
 from robust_transfer.models import (
     FrozenInfo,
     MLPHead,
+    ModelSpec,
     create_model,
     freeze_stages,
     head_name,
     list_architectures,
+    load_model,
     num_stages,
     replace_head,
+    save_model,
     set_train_mode,
     with_normalization,
 )
@@ -249,6 +252,33 @@ def test_an_mlp_head_trains_whole_in_fixed_feature_mode_and_can_be_replaced():
     replace_head(model, 4)  # an MLP head is replaced as a whole
     assert type(model.model.fc) is nn.Linear and model.model.fc.in_features == old_fc.in_features
     assert model.model.fc.weight.requires_grad and model.spec.num_classes == 4
+
+
+def test_an_mlp_head_is_in_the_spec_and_saves_and_reloads(tmp_path):
+    model = _real("small_resnet")
+    replace_head(model, 5, hidden=(16, 8))
+    assert model.spec.head_hidden == (16, 8) and model.spec.to_dict()["head_hidden"] == [16, 8]
+    path = save_model(model, tmp_path / "mlp")
+    loaded = load_model(path)
+    assert loaded.spec == model.spec and isinstance(loaded.model.fc, MLPHead)
+    x = torch.rand(3, 3, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x))
+    # create_model builds the same head from the spec alone.
+    rebuilt = create_model("small_resnet", 5, 3, head_hidden=(16, 8))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+    replace_head(model, 4)  # back to a single Linear: the spec forgets the hidden layers
+    assert model.spec.head_hidden == () and "head_hidden" not in model.spec.to_dict()
+
+
+def test_a_spec_without_head_hidden_reads_as_a_plain_head():
+    old = {"arch": "resnet18", "num_classes": 10, "in_channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    spec = ModelSpec.from_dict(old)
+    assert spec.head_hidden == () and spec.to_dict() == old  # files written before the field are unchanged
+    assert ModelSpec.from_dict({**old, "head_hidden": [64]}).head_hidden == (64,)
+    for bad in (0, [0], "64", [2.5]):
+        with pytest.raises(RobustTransferError, match="head"):
+            ModelSpec.from_dict({**old, "head_hidden": bad})
 
 
 def test_replace_head_rejects_bad_sizes():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from robust_transfer.cli import main
-from robust_transfer.models import load_model
+from robust_transfer.data import load_dataset
+from robust_transfer.models import MLPHead, load_model
 from robust_transfer.models.stages import stages
 from robust_transfer.train import PretrainConfig, pretrain
 from robust_transfer.transfer import transfer
@@ -81,6 +84,67 @@ def test_paper_protocol_trains_only_the_head(tmp_path, source_path):
     before, after = load_model(source_path).state_dict(), load_model(result.model_path).state_dict()
     assert not _changed(before, after, "model.layer") and not _changed(before, after, "model.bn1.")
     assert result.record["protocol"] == "paper"
+
+
+def test_a_head_with_hidden_layers_saves_and_reloads_to_the_same_predictions(tmp_path, source_path):
+    result = transfer(source=source_path, dataset="animal-mnist", mode="full", hidden=[32], train_examples=256,
+                      epochs=1, lrs=[0.01], refit=False, precision="fp32", out_dir=str(tmp_path), progress=False)
+    loaded = load_model(result.model_path)
+    assert loaded.spec.head_hidden == (32,) and isinstance(loaded.model.fc, MLPHead)
+    assert [m.out_features for m in loaded.model.fc if isinstance(m, torch.nn.Linear)] == [32, 10]
+    x = load_dataset("animal-mnist", image_size=28, in_channels=1).test.images[:64].float() / 255
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), result.model.eval()(x))
+
+
+def _bordered_gradient(height: int = 200, width: int = 300, border: int = 4) -> np.ndarray:
+    """Red/green ramps across x/y over a fine 3 px checker (any extra resampling blurs it visibly), and a white
+    frame ``border`` pixels wide: blue only in the frame."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x / (width - 1) * 191, y / (height - 1) * 191, np.zeros((height, width))], -1)
+    image[..., :2] += ((x // 3 + y // 3) % 2 * 64)[..., None]
+    image[:border], image[-border:], image[:, :border], image[:, -border:] = 255, 255, 255, 255
+    return image.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "dtd"])
+def test_held_out_images_get_the_papers_resize_and_centre_crop(tmp_path, monkeypatch, name):
+    from robust_transfer.data import folder
+
+    image = _bordered_gradient()
+    for split, count in (("train", 3), ("test", 1)):
+        for label in ("a", "b"):
+            for index in range(count):
+                (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(tmp_path / split / label / f"{index}.png")
+    size = 112
+    data = load_dataset(name, tmp_path, image_size=size)
+    # The paper at this size: Resize(128) (shorter side; 300 x 200 -> 192 x 128), CenterCrop(112).
+    resize = round(size * 256 / 224)
+    paper = np.asarray(Image.fromarray(image).resize((resize * 3 // 2, resize), Image.Resampling.BILINEAR))
+    top, left = (resize - size) // 2, (resize * 3 // 2 - size) // 2
+    paper = torch.from_numpy(paper[top:top + size, left:left + size].copy()).permute(2, 0, 1).float() / 255
+    for split in (data.test, data.val):  # val too: held out of train, then decoded again from its files
+        assert split.images.shape[1:] == (3, size, size)
+        assert split.images[:, 2].max() == 0  # the frame (8 of 128 px cropped from each edge) is gone
+        # One resampling from the file, as PIL's: only uint8 rounding may differ (resampling the train decode
+        # up by 256/224 instead was off by up to 22/255 on the checker, 5.7/255 on average).
+        assert max((split[i][0] - paper).abs().max().item() for i in range(len(split))) <= 1 / 255 + 1e-6
+    # Train keeps the whole centre square: the frame shows at the top, where the test crop cut it away.
+    assert data.train.images[:, 2, 0].float().mean() > 200
+    monkeypatch.setattr(folder, "IN_MEMORY_LIMIT_BYTES", 0)  # decoded item by item: the same pixels
+    lazy = load_dataset(name, tmp_path, image_size=size)
+    for got, expected in ((lazy.test, data.test), (lazy.val, data.val)):
+        assert isinstance(got, folder.FolderDataset) and len(got) == len(expected)
+        assert all(torch.equal(got[i][0], expected[i][0]) for i in range(len(got)))
+
+
+def test_in_memory_sets_get_the_test_crop_only_when_resized():
+    native, resized = load_dataset("digits"), load_dataset("digits", image_size=16)
+    assert torch.equal(load_dataset("digits", image_size=8).test.images, native.test.images)
+    assert torch.equal(resized.train.images, native.train.resized(16).images)
+    expected = native.test.resized(18).images[..., 1:17, 1:17]  # 16 * 256 / 224 = 18.3 -> 18, crop 16
+    assert torch.equal(resized.test.images, expected)
 
 
 @pytest.mark.parametrize("args,message", [

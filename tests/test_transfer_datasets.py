@@ -232,6 +232,26 @@ def test_listed_but_missing_files_and_corrupt_files_are_skipped_and_counted(tmp_
     assert "1 of 7 listed image(s) are not on disk" in caplog.text and "skipped 1 file(s)" in caplog.text
 
 
+def test_official_held_out_images_are_torchvisions_test_transform_of_the_files(tmp_path, monkeypatch):
+    from torchvision import transforms
+
+    from robust_transfer.data import folder
+
+    _food(tmp_path, monkeypatch)  # 10 x 12 noise: any resampling beyond the one from the file would show
+    size = 14
+    paper = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                                transforms.PILToTensor()])
+    eager = load_dataset("food101", tmp_path, image_size=size)
+    monkeypatch.setattr(folder, "IN_MEMORY_LIMIT_BYTES", 0)
+    lazy = load_dataset("food101", tmp_path, image_size=size)
+    for split in (eager.test, eager.val, lazy.test, lazy.val):  # val: held out of train, decoded again
+        assert len(split) and len(split.paths) == len(split)
+        for index, path in enumerate(split.paths):
+            with Image.open(path) as image:
+                expected = paper(image.convert("RGB")).float() / 255
+            assert torch.equal(split[index][0], expected), path
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_prepared_layout(tmp_path, name):
     for split, count in (("train", 3), ("test", 1)):

@@ -43,6 +43,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text), mode="w")
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed) between processes.
+
+    The kernel drops the lock when its holder dies, so a killed process never leaves it held.
+    A no-op where fcntl is missing (Windows).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _fsync_dir(directory: Path) -> None:
     # The rename itself must reach the disk too, or a power cut can undo it.
     with contextlib.suppress(OSError):

@@ -34,11 +34,11 @@ PRETRAIN_HELP = {
     "label_smoothing": "label smoothing (off by default)",
     "augment": "crop-flip, crop or none (default: the dataset's own choice)",
     "val_fraction": "share of the training data held out for validation",
-    "train_examples": "train on only the first N training examples (quick runs)",
+    "train_examples": "train on a seeded random N of the training examples (quick runs)",
     "eval_examples": "validation examples attacked after each epoch",
     "eval_steps": "PGD steps of the per-epoch robust validation",
     "test_steps": "PGD steps of the final robust test evaluation",
-    "test_examples": "evaluate the final model on only the first N test examples",
+    "test_examples": "evaluate the final model on a seeded random N of the test examples",
     "precision": "auto (bf16 autocast + channels_last where the hardware is fast at it), bf16 or fp32",
     "device": "auto, cpu, cuda or cuda:N",
     "num_workers": "data-loading worker processes (image folders only; in-memory sets need none)",
@@ -92,7 +92,7 @@ def _format_eval(result: dict) -> str:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from .data import load_dataset, sample_examples
     from .evaluation import evaluate
     from .models import load_model
     from .parsing import parse_eps
@@ -105,16 +105,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise RobustTransferError(
             f"{args.model} predicts {spec.num_classes} classes but {args.dataset} has {data.num_classes}: "
             "evaluate it on the data it was trained for, or transfer it first")
-    split = getattr(data, args.split)
+    split = sample_examples(getattr(data, args.split), args.max_examples, args.seed)
     eps = parse_eps(args.eps) if args.eps is not None else None
     threat = ThreatModel(args.norm, eps) if eps else None
     result = evaluate(model, split, threat, steps=args.steps,
                       step_size=parse_eps(args.step_size) if args.step_size else None,
                       restarts=args.restarts, batch_size=args.batch_size, device=args.device,
-                      precision=args.precision, max_examples=args.max_examples, seed=args.seed,
+                      precision=args.precision, seed=args.seed, masking_check=args.masking_check,
                       progress=not args.json)
     record = {"model": str(args.model), "dataset": args.dataset, "split": args.split, **result.to_dict()}
     print(json.dumps(record) if args.json else _format_eval(record))
+    if args.masking_check and not args.json:
+        print("gradient-masking checks: " + ("nothing suspicious" if not result.warnings else
+                                             f"{len(result.warnings)} warning(s), see above"))
     return 0
 
 
@@ -147,7 +150,8 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resize target images to this side (default: the source model's training size; "
                              "e.g. 32 for low-resolution transfer)")
     parser.add_argument("--augment", default=None, help="crop-flip, crop, resized-crop-flip or none")
-    parser.add_argument("--train-examples", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--train-examples", type=int, default=None,
+                        help="use a seeded random N of the training examples")
     parser.add_argument("--eval-eps", default="0", help="also measure robust accuracy of the transferred model "
                                                        "under this eps, e.g. 1.0 or 8/255 (default: 0 = no)")
     parser.add_argument("--eval-norm", default="l2", help="l2 or linf (default: l2)")
@@ -156,6 +160,8 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted fine-tuning in --out-dir from its per-epoch checkpoints")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -170,7 +176,7 @@ def _run_transfer(args: argparse.Namespace) -> int:
         hidden=list(args.hidden), train_frozen_batchnorm=args.train_frozen_batchnorm, image_size=args.image_size,
         augment=args.augment, train_examples=args.train_examples, eval_eps=args.eval_eps, eval_norm=args.eval_norm,
         eval_steps=args.eval_steps, cache_dir=args.cache_dir, precision=args.precision, device=args.device,
-        seed=args.seed, progress=args.progress)
+        seed=args.seed, progress=args.progress, resume=args.resume)
     result = transfer(config)
     record = result.record
     line = (f"{record['mode']} transfer to {record['target']['dataset']}: test {record['test']['metric']} "
@@ -186,7 +192,7 @@ def _run_transfer(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    print(run_demo(args.out_dir, quick=args.quick, progress=not args.no_progress))
+    print(run_demo(args.out_dir, quick=args.quick, progress=not args.no_progress, workers=args.workers))
     return 0
 
 
@@ -220,10 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step-size", default=None, help="PGD step size (default: 2.5*eps/steps)")
     evaluate.add_argument("--restarts", type=int, default=0, help="extra random restarts (default: 0)")
     evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--max-examples", type=int, default=None, help="evaluate the first N examples only")
+    evaluate.add_argument("--max-examples", type=int, default=None, help="evaluate a seeded random N of the examples")
     evaluate.add_argument("--precision", default="fp32", help="fp32 (default, the reference), bf16 or auto")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--masking-check", action="store_true",
+                          help="also run gradient-masking sanity checks (robust accuracy against eps, with and "
+                               "without random start, more steps, an unbounded attack) and warn about anything odd")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=_run_evaluate)
 
@@ -241,12 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_zoo_parser(commands)
 
+    from .study_cli import add_study_parsers
+
+    add_study_parsers(commands)
+
     demo = commands.add_parser(
-        "demo", help="robust vs standard pretraining on the embedded data, end to end",
-        description="Pretrain a small ResNet on Fashion-MNIST at L2 eps 0 and 1, then measure clean and "
-                    "robust accuracy of both. Finished runs are reused on a second call.")
+        "demo", help="the paper in miniature on the embedded data, end to end",
+        description="Pretrain a small ResNet on Fashion-MNIST at L2 eps 0, 0.5 and 1, measure clean and robust "
+                    "accuracy of each, transfer each to Animal-MNIST, MNIST-5k and digits in fixed-feature and "
+                    "full-network modes, and print the paper's table (best robust vs best standard source). "
+                    "It is a study: finished runs and features are reused on a second call.")
     demo.add_argument("--out-dir", default="runs/demo", help="where the runs go (default: runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="a smaller version for CI (about a minute)")
+    demo.add_argument("--quick", action="store_true", help="a smaller version for CI (under 2 minutes)")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="worker processes (default: one per two cores)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_run_demo)
     return parser
@@ -261,8 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RobustTransferError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a fault of the machine (full disk, lost mount), not a bug: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted; a pretraining run continues from its last checkpoint with --resume", file=sys.stderr)
+        print("interrupted: pretrain and transfer continue from their last checkpoint with --resume; "
+              "`study run` continues where it stopped", file=sys.stderr)
         return 130
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from .errors import RobustTransferError
 from .runtime import autocast, prepare_batch, resolve_device, resolve_precision
 from .threat import ThreatModel
 
+log = logging.getLogger(__name__)
+
 EvalData = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -24,7 +27,8 @@ class EvalResult:
     """Accuracies in [0, 1]; ``robust_acc`` is None when no threat model was given.
 
     An example counts as robust only if it is classified correctly both clean and attacked,
-    so ``robust_acc <= clean_acc`` always.
+    so ``robust_acc <= clean_acc`` always. ``warnings`` holds the gradient-masking warnings of
+    ``evaluate(..., masking_check=True)`` (see :mod:`robust_transfer.masking`); empty otherwise.
     """
 
     clean_acc: float
@@ -34,6 +38,7 @@ class EvalResult:
     steps: int
     restarts: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +57,16 @@ def _batches(data: EvalData, batch_size: int) -> Iterable[tuple[torch.Tensor, to
     raise RobustTransferError(
         f"cannot evaluate on a {type(data).__name__}: give a DataLoader, a Dataset or an (images, labels) pair"
     )
+
+
+def _check_labels(y: torch.Tensor, classes: int, offset: int) -> None:
+    """Labels must index the model's outputs, or the attack's loss fails with an obscure torch error."""
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        raise RobustTransferError(
+            f"label {int(y[index])} of example {offset + index} is outside 0..{classes - 1}, the classes this model "
+            "predicts: evaluate the model on the data it was trained for, or transfer it to this data first")
 
 
 def _limited(batches: Iterable, max_examples: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -79,12 +94,17 @@ def evaluate(
     max_examples: int | None = None,
     progress: bool = False,
     seed: int = 0,
+    masking_check: bool = False,
 ) -> EvalResult:
     """Clean accuracy and, given ``threat``, accuracy under a PGD attack of ``steps`` steps.
 
     ``data`` is a DataLoader, a Dataset or an ``(images, labels)`` pair; images in [0, 1].
     ``precision`` is ``"fp32"`` (the reference) or ``"bf16"``/``"auto"`` (faster on AMX CPUs and
     GPUs). Attacks are seeded by ``seed`` so repeated evaluations agree.
+
+    With ``masking_check`` (and a ``threat``), cheap gradient-masking checks run on the first
+    examples (:func:`robust_transfer.masking.masking_checks`, about 10x the cost of evaluating
+    256 examples); their warnings go to ``EvalResult.warnings`` and to the log.
     """
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
@@ -102,7 +122,9 @@ def evaluate(
         y = y.to(torch_device).long()
         with autocast(precision, torch_device):
             with eval_mode(model), torch.no_grad():
-                clean_pred = model(x).argmax(dim=1)
+                logits = model(x)
+            _check_labels(y, logits.shape[1], total)
+            clean_pred = logits.argmax(dim=1)
             clean_ok = clean_pred == y
             correct_clean += int(clean_ok.sum())
             if threat is not None:
@@ -116,6 +138,16 @@ def evaluate(
                         robust=f"{correct_robust / total:.3f}" if threat else "-")
     if total == 0:
         raise RobustTransferError("nothing to evaluate: the data has no examples")
+    seconds = time.perf_counter() - started  # the checks below are extra work, not part of this evaluation
+    warnings: list[str] = []
+    if masking_check and threat is not None and threat.eps > 0:
+        from .masking import DEFAULT_EXAMPLES, masking_checks
+
+        warnings = masking_checks(model, data, threat, steps=steps, step_size=step_size, restarts=restarts,
+                                  random_start=random_start, batch_size=batch_size, device=str(torch_device),
+                                  precision=precision, max_examples=min(DEFAULT_EXAMPLES, total), seed=seed)
+        for warning in warnings:
+            log.warning(warning)
     return EvalResult(
         clean_acc=correct_clean / total,
         robust_acc=(correct_robust / total) if threat is not None else None,
@@ -123,5 +155,6 @@ def evaluate(
         threat=str(threat) if threat is not None else None,
         steps=steps if threat is not None else 0,
         restarts=restarts if threat is not None else 0,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
+        warnings=warnings,
     )

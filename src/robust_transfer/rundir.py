@@ -10,18 +10,33 @@ from .errors import RobustTransferError
 MIN_FREE_BYTES = 200 * 2**20
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and check that it is writable with some disk space left."""
+def prepare_output_dir(path: str | Path, min_free_bytes: int | None = None) -> Path:
+    """Create ``path`` if needed and check that it is writable with some disk space left.
+
+    ``min_free_bytes`` is the free space the run needs on that disk (default ``MIN_FREE_BYTES``,
+    200 MiB); a run that writes more, such as one with large checkpoints, can ask for more.
+    Raises :class:`RobustTransferError` naming the folder and what to do.
+    """
     path = Path(path)
+    needed = MIN_FREE_BYTES if min_free_bytes is None else int(min_free_bytes)
+    if needed < 0:
+        raise RobustTransferError(f"min_free_bytes must be >= 0, got {min_free_bytes}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise RobustTransferError(f"cannot write to the output folder {path}: {error.strerror}") from None
-    free = shutil.disk_usage(path).free
-    if free < MIN_FREE_BYTES:
         raise RobustTransferError(
-            f"only {free / 2**20:.0f} MiB free on the disk of {path}: free some space or choose another output folder")
+            f"cannot write to the output folder {path}: {error.strerror or error}; "
+            "choose another output folder or make this one writable") from None
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise RobustTransferError(
+            f"only {_mib(free)} free on the disk of {path} and this run needs at least {_mib(needed)}: "
+            "free some space or choose another output folder")
     return path
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"

@@ -16,12 +16,11 @@ import datetime as _dt
 import json
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, file_lock
 from .errors import RobustTransferError
 from .models.checkpoint import (
     RESERVED_KEYS,
@@ -157,21 +156,9 @@ def _write_registry(directory: Path, models: dict[str, dict[str, Any]]) -> None:
     atomic_write_text(directory / REGISTRY_NAME, json.dumps(document, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise registry updates between processes (advisory lock; a no-op where fcntl is missing)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(directory / ".registry.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(directory: Path):
+    """Serialise registry updates between processes."""
+    return file_lock(directory / ".registry.lock")
 
 
 def check_name(name: str) -> str:

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 
 AUGMENTATIONS = ("none", "crop", "crop-flip", "resized-crop-flip")
 
+# The paper's test transform, Resize(256) + CenterCrop(224), at any image size: the shorter side goes to
+# size * 256 / 224, then the central size x size is kept. Named here so caches can key on it (renamed when its
+# pixels change: image files' held-out splits are now resampled once, from the file).
+EVAL_RESIZE_RATIO = 256 / 224
+EVAL_TRANSFORM = "resize 256/224 + centre crop, from the file"
+
 
 @dataclass(frozen=True)
 class AugmentParams:
@@ -104,3 +110,17 @@ def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
     """RandomResizedCrop + horizontal flip (the paper's training transform) on a whole batch at once."""
     params = draw_augmentation("resized-crop-flip", len(x), x.shape[-2], x.shape[-1], generator, scale, ratio)
     return apply_augmentation(x, params)
+
+
+def eval_resize_size(size: int) -> int:
+    """The side the test transform resizes to before its centre crop: 256 for 224, 37 for 32, 32 for 28."""
+    return round(size * EVAL_RESIZE_RATIO)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` window of ``x`` [..., H, W], offsets rounded as torchvision's CenterCrop."""
+    height, width = x.shape[-2:]
+    if size > min(height, width):
+        raise ValueError(f"cannot centre-crop {size} x {size} from {height} x {width}")
+    top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
+    return x[..., top:top + size, left:left + size]

@@ -2,7 +2,8 @@
 
 Every image is converted to RGB (or gray), whatever its mode (RGBA, palette, CMYK, 16-bit);
 undecodable files are skipped and counted in a warning. Small folders are decoded once into
-memory; large ones are decoded item by item.
+memory; large ones are decoded item by item. Validation and test images are decoded with the
+paper's test transform straight from the files (see `decode_image`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import RobustTransferError
+from .augment import center_crop, eval_resize_size
 from .memory import InMemoryDataset
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,23 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def decode_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """A uint8 [C, size, size] tensor: shorter side resized to ``size``, then centre-cropped."""
+def decode_image(path: Path, size: int, channels: int, held_out: bool = False) -> torch.Tensor:
+    """A uint8 [C, size, size] tensor: for train, the centre square resized to ``size`` (the random crops come
+    later); ``held_out`` (validation, test): the paper's test transform as torchvision's Resize(eval_resize_size)
+    + CenterCrop(size) gives it, resampled once from the file's pixels rather than again from the train decode."""
     with Image.open(path) as image:
         image.load()
         image = _to_mode(ImageOps.exif_transpose(image), channels)
-        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
+        if held_out:
+            side, (width, height) = eval_resize_size(size), image.size
+            long = int(side * max(width, height) / min(width, height))  # truncated, as torchvision's Resize
+            image = image.resize((side, long) if width <= height else (long, side), Image.Resampling.BILINEAR)
+        else:
+            image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
+        array = np.array(image, dtype=np.uint8)  # a writable copy, not a view of PIL's buffer
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return center_crop(torch.from_numpy(array).permute(2, 0, 1), size).contiguous()
 
 
 def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
@@ -99,14 +108,40 @@ def scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[Pat
     return paths, labels, class_names
 
 
-class FolderDataset(Dataset):
+class _FromFiles:
+    """What a split decoded from files keeps: its files and how they were decoded. `load_dataset` does not apply
+    the test transform again to a ``held_out`` split, and decodes a share of train it holds out afresh."""
+
+    paths: list[Path]
+    labels: torch.Tensor
+    class_names: list[str]
+    size: int
+    channels: int
+    held_out: bool
+
+    def decode_held_out(self, indices: torch.Tensor) -> Dataset:
+        """The examples at ``indices`` decoded again from their files, as held-out images."""
+        return load_split([self.paths[i] for i in indices.tolist()], self.labels[indices].tolist(), self.class_names,
+                          self.size, self.channels, "held-out share", held_out=True)
+
+
+class DecodedImages(_FromFiles, InMemoryDataset):
+    """Images decoded from files into memory (see `InMemoryDataset`), with the files they came from."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], paths: list[Path],
+                 size: int, channels: int, held_out: bool) -> None:
+        super().__init__(images, labels, class_names)
+        self.paths, self.size, self.channels, self.held_out = paths, size, channels, held_out
+
+
+class FolderDataset(_FromFiles, Dataset):
     """Lazily decoded images (for folders too big for memory); items as float [0, 1] tensors."""
 
     def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], size: int,
-                 channels: int) -> None:
+                 channels: int, held_out: bool = False) -> None:
         self.paths, self.class_names = paths, class_names
         self.labels = torch.tensor(labels, dtype=torch.long)
-        self.size, self.channels = size, channels
+        self.size, self.channels, self.held_out = size, channels, held_out
 
     @property
     def num_classes(self) -> int:
@@ -118,7 +153,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
-            image = decode_image(self.paths[index], self.size, self.channels)
+            image = decode_image(self.paths[index], self.size, self.channels, self.held_out)
         except DECODE_ERRORS as error:
             raise RobustTransferError(
                 f"cannot decode {self.paths[index]} ({type(error).__name__}: {error}): "
@@ -128,18 +163,20 @@ class FolderDataset(Dataset):
 
 
 def load_split(paths: list[Path], labels: list[int], class_names: list[str], size: int, channels: int,
-               description: str) -> Dataset:
-    """Decode a split into memory when it fits, skipping (and counting) files that do not decode."""
+               description: str, held_out: bool = False) -> Dataset:
+    """Decode a split into memory when it fits, skipping (and counting) files that do not decode; ``held_out``
+    (validation, test) decodes with the paper's test transform (see `decode_image`)."""
     if len(paths) * channels * size * size > IN_MEMORY_LIMIT_BYTES:
-        return FolderDataset(paths, labels, class_names, size, channels)
+        return FolderDataset(paths, labels, class_names, size, channels, held_out)
     images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)  # filled in place: no 2x peak
-    kept, bad = [], []
+    kept, kept_paths, bad = [], [], []
     progress = tqdm(paths, desc=f"decode {description}", unit="img", leave=False,
                     disable=None if len(paths) >= 500 else True)  # None: only on a terminal
     for index, path in enumerate(progress):
         try:
-            images[len(kept)] = decode_image(path, size, channels)
+            images[len(kept)] = decode_image(path, size, channels, held_out)
             kept.append(labels[index])
+            kept_paths.append(path)
         except DECODE_ERRORS as error:
             bad.append(f"{path.name} ({type(error).__name__})")
     if bad:
@@ -149,7 +186,8 @@ def load_split(paths: list[Path], labels: list[int], class_names: list[str], siz
         raise RobustTransferError(f"{description}: none of its {len(paths)} image file(s) decodes; "
                                   "check that they are images (jpg, png, ...)")
     images = images[:len(kept)].clone() if bad else images
-    return InMemoryDataset(images, torch.tensor(kept, dtype=torch.long), class_names)
+    return DecodedImages(images, torch.tensor(kept, dtype=torch.long), class_names, kept_paths, size, channels,
+                         held_out)
 
 
 def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Dataset | None, Dataset]:
@@ -170,7 +208,7 @@ def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Da
         if not split_paths:
             raise RobustTransferError(f"{root / name} holds no image files: expected {layout}")
         splits[name] = load_split(split_paths, split_labels, class_names, size, channels,
-                                  f"{root.name}/{name}")
+                                  f"{root.name}/{name}", held_out=True)
     if len(held_out) == 2:
         return train, splits["val"], splits["test"]
     return train, None, splits[held_out[0]]

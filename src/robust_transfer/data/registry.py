@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..errors import RobustTransferError
+from .augment import center_crop, eval_resize_size
 from .cifar import load_cifar
 from .folder import load_image_folder
 from .memory import InMemoryDataset
@@ -45,12 +46,17 @@ class DatasetEntry:
     """A registry entry: ``load(request) -> (train, val or None, test or None)`` and how to score it.
 
     ``metric`` is ``"top1"`` or ``"mean_per_class"`` (the paper's choice for Aircraft, Pets,
-    Caltech-101/256 and Flowers).
+    Caltech-101/256 and Flowers). ``decodes_at_size``: the loader decodes image files at the
+    asked size (shorter side resized, centre-cropped square), so validation and test always get
+    the paper's test transform (already decoded so by `load_split` with ``held_out``, or applied
+    by `eval_transform`); False for sets held in memory at a native size, which `load_dataset`
+    resizes and which get that transform only when resized.
     """
 
     load: Callable[[LoadRequest], tuple]
     default_augment: str
     metric: str = "top1"
+    decodes_at_size: bool = True
 
 
 def register_dataset(name: str, entry: DatasetEntry) -> None:
@@ -89,14 +95,16 @@ def _image_folder(request: LoadRequest) -> tuple:
     return load_image_folder(folder, request.image_size or DEFAULT_FOLDER_SIZE, request.in_channels or 3)
 
 
+_NATIVE = {"decodes_at_size": False}  # held in memory at their own size
 _REGISTRY: dict[str, DatasetEntry] = {
-    "fashion-mnist": DatasetEntry(_fashion, "crop-flip"),
-    "animal-mnist": DatasetEntry(lambda request: (load_animal_mnist(request.root), None, None), "crop-flip"),
-    "mnist-5k": DatasetEntry(lambda request: (load_mnist_5k(), None, None), "crop"),
-    "digits": DatasetEntry(lambda request: (load_digits(), None, None), "none"),
-    "cifar10": DatasetEntry(functools.partial(_cifar, "cifar10"), "crop-flip"),
-    "cifar100": DatasetEntry(functools.partial(_cifar, "cifar100"), "crop-flip"),
-    "idx": DatasetEntry(_idx, "crop"),
+    "fashion-mnist": DatasetEntry(_fashion, "crop-flip", **_NATIVE),
+    "animal-mnist": DatasetEntry(lambda request: (load_animal_mnist(request.root), None, None), "crop-flip",
+                                 **_NATIVE),
+    "mnist-5k": DatasetEntry(lambda request: (load_mnist_5k(), None, None), "crop", **_NATIVE),
+    "digits": DatasetEntry(lambda request: (load_digits(), None, None), "none", **_NATIVE),
+    "cifar10": DatasetEntry(functools.partial(_cifar, "cifar10"), "crop-flip", **_NATIVE),
+    "cifar100": DatasetEntry(functools.partial(_cifar, "cifar100"), "crop-flip", **_NATIVE),
+    "idx": DatasetEntry(_idx, "crop", **_NATIVE),
     "imagefolder": DatasetEntry(_image_folder, "crop-flip"),
 }
 
@@ -115,11 +123,16 @@ def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
     return subset
 
 
-def first_examples(dataset: Dataset, count: int | None) -> Dataset:
-    """The first ``count`` examples of a split (all of it when ``count`` is None or larger)."""
+def sample_examples(dataset: Dataset, count: int | None, seed: int = 0) -> Dataset:
+    """A seeded random ``count`` examples of a split, in their stored order (all when ``count`` is None or larger).
+
+    Random rather than the first ``count``: several datasets store their examples class by class, so
+    the first few hundred would hold one or two classes.
+    """
     if count is None or count >= len(dataset):
         return dataset
-    return _subset(dataset, torch.arange(count))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return _subset(dataset, chosen.sort().values)
 
 
 _LAZY_STATS: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
@@ -138,10 +151,54 @@ def _stats(dataset: Dataset, channels: int, key: tuple) -> tuple[tuple[float, ..
     return _LAZY_STATS[key]
 
 
-def _adapt(split: Dataset, image_size: int | None, in_channels: int | None, name: str) -> Dataset:
-    """Resize / convert an in-memory split; check that any other split already has what was asked."""
+def eval_transform(split: Dataset, size: int) -> Dataset:
+    """The paper's test transform on square images: resized to `eval_resize_size` (``size`` * 256 / 224), then
+    the central ``size`` x ``size`` kept. Lazily decoded splits are transformed item by item, identically."""
+    if not isinstance(split, InMemoryDataset):
+        return _EvalTransformed(split, size)
+    if not len(split):  # nothing to resize (a split left empty by a small class), only its shape to set
+        return InMemoryDataset(split.images.new_empty((0, split.images.shape[1], size, size)), split.labels,
+                               split.class_names)
+    # Images decoded at ``size`` are resampled up by 256/224 here: the paper's geometry exactly, slightly softer
+    # pixels than decoding the file at the larger side (as `load_split` does for the folder loaders' held-out splits).
+    resized = split.resized(eval_resize_size(size))
+    return InMemoryDataset(center_crop(resized.images, size), split.labels, split.class_names)
+
+
+class _EvalTransformed(Dataset):
+    """`eval_transform` of a lazily decoded split, applied per item through the in-memory path (same pixels)."""
+
+    def __init__(self, split: Dataset, size: int) -> None:
+        self.split, self.size = split, size
+        self.labels, self.class_names = split.labels, split.class_names
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.split[index]
+        one = InMemoryDataset(image.mul(255).round_().to(torch.uint8)[None], torch.tensor([label]), self.class_names)
+        return eval_transform(one, self.size)[0]
+
+
+def _held_out_share(train: Dataset, indices: torch.Tensor) -> Dataset:
+    """Examples held out of train for validation or test; a split decoded from files decodes them again with the
+    test transform, straight from the files (not resampled from the train decode)."""
+    decode = getattr(train, "decode_held_out", None)
+    return decode(indices) if decode is not None and len(indices) else _subset(train, indices)
+
+
+def _adapt(split: Dataset, image_size: int | None, in_channels: int | None, name: str, held_out: bool,
+           decodes_at_size: bool) -> Dataset:
+    """Resize / convert an in-memory split, the paper's test transform for held-out splits (validation, test)
+    decoded from files or resized; check that any other split already has what was asked."""
+    held_out = held_out and not getattr(split, "held_out", False)  # not twice: decoded with it from its files
     if isinstance(split, InMemoryDataset):
-        if image_size is not None:
+        side = split.images.shape[-1]
+        resize = image_size is not None and tuple(split.images.shape[-2:]) != (image_size, image_size)
+        if held_out and (decodes_at_size or resize):
+            split = eval_transform(split, image_size or side)
+        elif resize:
             split = split.resized(image_size)
         if in_channels is not None:
             split = split.with_channels(in_channels)
@@ -153,7 +210,7 @@ def _adapt(split: Dataset, image_size: int | None, in_channels: int | None, name
             f"dataset {name!r} decodes to {shape[0]}x{shape[1]}x{shape[2]} images although "
             f"in_channels={in_channels} and image_size={image_size} were asked for: "
             "its loader must honour them")
-    return split
+    return eval_transform(split, shape[-1]) if held_out and decodes_at_size else split
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1,
@@ -165,6 +222,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
     share of train (unless the data has a validation split of its own). Sets without a test
     split give 20% of every class to test first. ``image_size`` resizes (square) and
     ``in_channels`` converts gray to colour or back. Images stay unnormalised in [0, 1].
+
+    Validation and test get the paper's test transform (Resize(256) + CenterCrop(224) at 224 px,
+    scaled to ``image_size``: see `eval_transform`) for sets decoded from image files and for
+    in-memory sets resized to another size; an in-memory set at its native size is left as it is.
+    Train images are the whole centre square at ``image_size`` (the random crops come from
+    ``default_augment``).
     """
     if name not in _REGISTRY:
         raise RobustTransferError(f"unknown dataset {name!r}; choose one of: {', '.join(_REGISTRY)}")
@@ -179,11 +242,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
     train, val, test = entry.load(LoadRequest(folder, image_size, in_channels))
     if test is None:
         kept, held = stratified_split(train.labels, TEST_FRACTION, seed)
-        train, test = _subset(train, kept), _subset(train, held)
+        train, test = _subset(train, kept), _held_out_share(train, held)
     if val is None:
         kept, held = stratified_split(train.labels, val_fraction, seed + 1)
-        train, val = _subset(train, kept), _subset(train, held)
-    train, val, test = (_adapt(split, image_size, in_channels, name) for split in (train, val, test))
+        train, val = _subset(train, kept), _held_out_share(train, held)
+    train, val, test = (_adapt(split, image_size, in_channels, name, held_out, entry.decodes_at_size)
+                        for split, held_out in ((train, False), (val, True), (test, True)))
     sample = train[0][0]
     key = (name, str(folder), val_fraction, seed, image_size, in_channels, len(train))
     mean, std = _stats(train, sample.shape[0], key)

@@ -8,7 +8,8 @@ Food-101, Oxford-IIIT Pets, SUN397), each read from a local folder in one of two
 Without a root, a set is looked for in DATA_HOME/<name>. Nothing is ever downloaded. Images are decoded
 at ``image_size`` (224 unless given) through `load_split`, so undecodable files are skipped and counted;
 files an official list names but the disk lacks are skipped and counted too. Official validation splits
-are merged into train (as in the paper); `load_dataset` then holds out a seeded validation share.
+are merged into train (as in the paper); `load_dataset` then holds out a seeded validation share, decoded
+again from its files, like test, with the paper's test transform.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def _load_official(name: str, layout: Layout, base: Path, size: int, channels: i
     except RobustTransferError as error:
         raise RobustTransferError(f"{name}: {error} (official layout: {layout.describe})") from None
     decoded = {split: load_split([path for path, _ in items], [label for _, label in items], files.class_names, size,
-                                 channels, f"{name}/{split}") for split, items in listed.items()}
+                                 channels, f"{name}/{split}", held_out=split == "test")
+               for split, items in listed.items()}
     return decoded["train"], None, decoded["test"]
 
 

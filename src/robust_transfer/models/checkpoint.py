@@ -322,7 +322,8 @@ def load_saved(
             "or pass arch=..."
         )
     with torch.device("meta"):
-        model = create_model(arch, spec.num_classes or 1, spec.in_channels, spec.mean, spec.std)
+        model = create_model(arch, spec.num_classes or 1, spec.in_channels, spec.mean, spec.std,
+                             head_hidden=spec.head_hidden)
     assign_state(model, state, str(weights), arch)
     model.metadata = document
     return model.eval()

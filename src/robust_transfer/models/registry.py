@@ -18,6 +18,7 @@ from ..errors import RobustTransferError
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, Normalize, NormalizedModel
 from .small import CifarResNet, SmallResNet, cifar_resnet18, cifar_resnet50, small_resnet
 from .spec import ModelSpec, Stats, check_positive_int, resolve_stats
+from .stages import replace_head
 from .surgery import classifier_head, first_conv, replace_first_conv
 
 CUSTOM = "custom"
@@ -112,13 +113,16 @@ def create_model(
     in_channels: int = 3,
     mean: Stats | None = None,
     std: Stats | None = None,
+    head_hidden: Sequence[int] = (),
 ) -> NormalizedModel:
     """Build a freshly initialised ``arch`` (no weights are downloaded) with normalisation in front.
 
     ``mean`` / ``std`` default to ImageNet's statistics for torchvision architectures on
     3-channel input and to 0.5 per channel otherwise; a single number is used for every channel.
-    The model takes [0, 1] images, NCHW, with ``in_channels`` channels. Building under
-    ``torch.device("meta")`` gives a weightless model (for shapes and parameter counts).
+    ``head_hidden`` widths replace the architecture's head with an `MLPHead` (Linear, ReLU, ...,
+    Linear), the head transfer builds with hidden layers. The model takes [0, 1] images, NCHW,
+    with ``in_channels`` channels. Building under ``torch.device("meta")`` gives a weightless
+    model (for shapes and parameter counts).
     """
     entry = get_architecture(arch)
     num_classes = check_positive_int(num_classes, "num_classes")
@@ -131,7 +135,10 @@ def create_model(
         mean=resolve_stats(mean, in_channels, default_mean, "mean"),
         std=resolve_stats(std, in_channels, default_std, "std"),
     )
-    return NormalizedModel(entry.build(num_classes, in_channels), Normalize(spec.mean, spec.std), spec)
+    model = NormalizedModel(entry.build(num_classes, in_channels), Normalize(spec.mean, spec.std), spec)
+    if head_hidden:
+        replace_head(model, num_classes, hidden=head_hidden)
+    return model
 
 
 def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:

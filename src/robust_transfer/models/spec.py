@@ -49,10 +49,13 @@ def check_positive_int(value: Any, what: str) -> int:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a saved model needs to be rebuilt: ``create_model(arch, num_classes, in_channels, mean, std)``.
+    """What a saved model needs to be rebuilt:
+    ``create_model(arch, num_classes, in_channels, mean, std, head_hidden=head_hidden)``.
 
     ``arch`` is a registered architecture name or ``"custom"`` (a model we cannot rebuild by name);
-    ``num_classes`` is None for a custom model without a final Linear layer.
+    ``num_classes`` is None for a custom model without a final Linear layer. ``head_hidden`` holds
+    the hidden widths of an MLP head put in by transfer (``replace_head(..., hidden=...)``); empty
+    for the architecture's own single Linear head.
     """
 
     arch: str
@@ -60,16 +63,20 @@ class ModelSpec:
     in_channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    head_hidden: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
-        return {
+        """A JSON-ready dict (tuples become lists); ``head_hidden`` only when non-empty, as older files lack it."""
+        out: dict[str, Any] = {
             "arch": self.arch,
             "num_classes": self.num_classes,
             "in_channels": self.in_channels,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.head_hidden:
+            out["head_hidden"] = list(self.head_hidden)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
@@ -90,4 +97,9 @@ class ModelSpec:
             num_classes = check_positive_int(num_classes, "num_classes")
         mean = resolve_stats(data["mean"], in_channels, 0.5, "mean")
         std = resolve_stats(data["std"], in_channels, 0.5, "std")
-        return cls(arch=arch, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+        hidden = data.get("head_hidden", [])
+        if not isinstance(hidden, Sequence) or isinstance(hidden, str):
+            raise RobustTransferError(f"model spec 'head_hidden' must be a list of widths, got {hidden!r}")
+        head_hidden = tuple(check_positive_int(width, "a hidden head width") for width in hidden)
+        return cls(arch=arch, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                   head_hidden=head_hidden)

@@ -391,7 +391,8 @@ def replace_head(model: nn.Module, num_classes: int, hidden: Sequence[int] = ())
     (Linear, ReLU, ..., Linear), as the paper's code allows with additional hidden layers. It
     replaces the old head at its own name (``fc``, ``classifier``, ``classifier.1``,
     ``classifier.6``, ...; an earlier `MLPHead` as a whole) on the old head's device and dtype.
-    A `NormalizedModel`'s ``spec.num_classes`` is updated.
+    A `NormalizedModel`'s ``spec.num_classes`` and ``spec.head_hidden`` are updated, so
+    `save_model` / `load_model` rebuild the same head.
     """
     num_classes = check_positive_int(num_classes, "num_classes")
     widths = [check_positive_int(width, "a hidden layer width") for width in hidden]
@@ -409,5 +410,5 @@ def replace_head(model: nn.Module, num_classes: int, hidden: Sequence[int] = ())
     set_submodule(inner, name, layers[0] if len(layers) == 1 else MLPHead(*layers))
     wrapper = _normalized(model)
     if wrapper is not None:
-        wrapper.spec = dataclasses.replace(wrapper.spec, num_classes=num_classes)
+        wrapper.spec = dataclasses.replace(wrapper.spec, num_classes=num_classes, head_hidden=tuple(widths))
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` so that a crash leaves the previous checkpoint whole."""
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    """Write ``state`` so that a crash leaves the previous checkpoint whole.
+
+    Serialised in memory first: torch.save streaming into a file loses a full disk's OSError in its
+    own "unexpected pos" error, while a plain write reports it as what it is.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    except OSError as error:
+        raise RobustTransferError(f"cannot write the checkpoint {path}: {error.strerror or error}; the previous "
+                                  "checkpoint is intact: free some disk space and continue with --resume") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..data import first_examples, load_dataset, make_batches
+from ..data import load_dataset, make_batches, sample_examples
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import create_model, save_model
@@ -90,7 +90,7 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
 
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed)
-    train_set = first_examples(data.train, config.train_examples)
+    train_set = sample_examples(data.train, config.train_examples, config.seed)
     augment = config.augment or data.default_augment
     model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                          mean=data.mean, std=data.std)
@@ -198,8 +198,8 @@ def _run_epoch(config, context: DistributedContext, precision, train_model, mode
 
 def _validate(config: PretrainConfig, model, val_set, precision, context) -> dict[str, Any]:
     threat = config.threat if config.eps > 0 else None
-    result = evaluate(model, val_set, threat, steps=config.eval_steps, batch_size=256,
-                      device=str(context.device), precision=precision, max_examples=config.eval_examples,
+    result = evaluate(model, sample_examples(val_set, config.eval_examples, config.seed), threat,
+                      steps=config.eval_steps, batch_size=256, device=str(context.device), precision=precision,
                       seed=config.seed)
     out = {"val_clean_acc": result.clean_acc}
     if result.robust_acc is not None:
@@ -210,8 +210,8 @@ def _validate(config: PretrainConfig, model, val_set, precision, context) -> dic
 def _test(config: PretrainConfig, model, test_set, precision) -> dict[str, Any]:
     threat = config.threat if config.eps > 0 else None
     device = str(next(model.parameters()).device)
-    result = evaluate(model, test_set, threat, steps=config.test_steps, batch_size=256, device=device,
-                      precision=precision, max_examples=config.test_examples, seed=config.seed,
+    result = evaluate(model, sample_examples(test_set, config.test_examples, config.seed), threat,
+                      steps=config.test_steps, batch_size=256, device=device, precision=precision, seed=config.seed,
                       progress=config.progress)
     return result.to_dict()
 

@@ -6,17 +6,20 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import ConcatDataset
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..data import InMemoryDataset, first_examples, load_dataset
+from ..data import InMemoryDataset, load_dataset, sample_examples
+from ..data.augment import EVAL_TRANSFORM
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import load_model, save_model
@@ -25,7 +28,7 @@ from ..models.surgery import classifier_head
 from ..rundir import prepare_output_dir
 from ..runtime import resolve_device, resolve_precision, tune_malloc
 from ..threat import ThreatModel
-from .config import TransferConfig
+from .config import EXECUTION_FIELDS, TransferConfig
 from .features import FeatureCache, extract_features, feature_extractor, model_content_hash
 from .finetune import FinetuneRecipe, finetune
 from .linear_probe import fit_linear_head
@@ -37,15 +40,17 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path.home() / ".cache" / "robust-transfer" / "features"
 MODEL_NAME = "model.safetensors"
 RECORD_NAME = "result.json"
+CHECKPOINT_DIR = "checkpoints"  # per-epoch fine-tuning checkpoints, removed once the result is written
 
 
 @dataclass
 class TransferResult:
-    """Where the transferred model and its record are, and the record itself."""
+    """Where the transferred model and its record are, the record itself, and the model (on the CPU, eval mode)."""
 
     out_dir: Path
     model_path: Path
     record: dict[str, Any]
+    model: nn.Module | None = field(default=None, repr=False)
 
     @property
     def test_score(self) -> float:
@@ -65,6 +70,12 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     Returns the record: full configuration, the source's identity (content hash and metadata),
     the validation scores behind the chosen penalty or learning rate, the test score (top-1 or
     mean per-class accuracy, as the protocol asks), robust accuracy when ``eval_eps`` > 0, timings.
+
+    Fine-tuning (every mode but the fast fixed-feature protocol) writes a checkpoint per learning
+    rate after every epoch into ``out_dir``/checkpoints/ and removes them once the result is
+    written. With ``resume=True`` an interrupted run continues from them: finished learning rates
+    are loaded, not retrained, and the result equals that of an uninterrupted run; a finished
+    run with the same settings is returned as it is.
     """
     config = dataclasses.replace(config, **overrides) if config else TransferConfig(**overrides)
     started = time.perf_counter()
@@ -72,12 +83,21 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     out_dir = prepare_output_dir(config.out_dir)
+    checkpoints = out_dir / CHECKPOINT_DIR
+    unfinished = checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
+    if unfinished and not config.resume:
+        raise RobustTransferError(f"{out_dir} holds the checkpoints of an unfinished transfer: pass --resume to "
+                                  f"continue it, or choose another output folder (or delete {checkpoints})")
     source = load_model(config.source)
     source_hash = model_content_hash(source)
+    if config.resume and not unfinished:
+        finished = _finished_result(out_dir, config, source_hash)
+        if finished is not None:
+            return finished
     image_size = config.image_size or source.metadata.get("input_size")
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed,
                         image_size=image_size, in_channels=source.spec.in_channels)
-    train_set = first_examples(data.train, config.train_examples)
+    train_set = sample_examples(data.train, config.train_examples, config.seed)
     frozen = config.frozen_stages_spec()
     if frozen != "all" and not 0 <= frozen <= num_stages(source):
         raise RobustTransferError(f"{source.spec.arch} has {num_stages(source)} stages: use partial:0 .. "
@@ -90,16 +110,18 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
                                                             device, precision)
     else:
         frozen_count = num_stages(source) if frozen == "all" else frozen
+        identity = {"config": config.recipe(), "source_sha256": source_hash}
         model, selection, test_score, timings = _finetune_grid(config, source, data, train_set, frozen_count,
-                                                               device, precision)
+                                                               device, precision, checkpoints, identity)
 
     robust = None
     if config.eval_eps > 0:
-        robust = evaluate(model, data.test, ThreatModel(config.eval_norm, config.eval_eps), steps=config.eval_steps,
-                          device=str(device), precision=precision, max_examples=config.eval_examples,
-                          seed=config.seed, progress=config.progress).to_dict()
+        robust = evaluate(model, sample_examples(data.test, config.eval_examples, config.seed),
+                          ThreatModel(config.eval_norm, config.eval_eps), steps=config.eval_steps,
+                          device=str(device), precision=precision, seed=config.seed,
+                          progress=config.progress).to_dict()
     record = {
-        "config": config.to_dict(),
+        "config": config.recorded(),
         "source": {"path": str(config.source), "content_sha256": source_hash, "arch": source.spec.arch,
                    **{k: source.metadata.get(k) for k in ("threat", "source_data", "recipe", "accuracies")}},
         "target": {"dataset": config.dataset, "num_classes": data.num_classes, "metric": data.metric,
@@ -118,9 +140,24 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
                 "source_sha256": source_hash, "software": record["software"]}
     model_path = save_model(model.cpu(), out_dir / MODEL_NAME, metadata)
     atomic_write_text(out_dir / RECORD_NAME, json.dumps(record, indent=2))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the result is safe: they are no longer needed
     log.info("%s -> %s (%s): test %s %.4f", Path(config.source).name, config.dataset, config.mode, data.metric,
              test_score)
-    return TransferResult(out_dir, model_path, record)
+    return TransferResult(out_dir, model_path, record, model.eval())
+
+
+def _finished_result(out_dir: Path, config: TransferConfig, source_hash: str) -> TransferResult | None:
+    """The result already in ``out_dir`` when it was computed with the same settings and source, else None."""
+    try:
+        record = json.loads((out_dir / RECORD_NAME).read_text())
+        recipe = {k: v for k, v in record["config"].items() if k not in EXECUTION_FIELDS}
+        if recipe != config.recipe() or record["source"]["content_sha256"] != source_hash:
+            return None
+        model = load_model(out_dir / MODEL_NAME)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RobustTransferError):
+        return None  # none yet, or unreadable: compute it
+    log.info("%s already holds this transfer's result", out_dir)
+    return TransferResult(out_dir, out_dir / MODEL_NAME, record, model)
 
 
 def _fixed_fast(config: TransferConfig, source, source_hash: str, data, train_set, device, precision):
@@ -132,16 +169,15 @@ def _fixed_fast(config: TransferConfig, source, source_hash: str, data, train_se
     def features(split: str, dataset):
         key = cache.key(model=source_hash, dataset=config.dataset, root=config.data_root, split=split,
                         image_size=data.image_size, in_channels=data.in_channels, seed=config.seed,
-                        val_fraction=config.val_fraction, count=len(dataset), precision=precision)
-        cached = cache.get(key)
-        if cached is not None:
-            timings["cached_splits"] += 1
-            return cached
+                        val_fraction=config.val_fraction, count=len(dataset), precision=precision,
+                        held_out_transform=EVAL_TRANSFORM)  # features cached before it are stale
         begun = time.perf_counter()
-        computed = extract_features(extractor, dataset, device, precision, progress=config.progress,
-                                    description=f"features {split}")
-        timings["features_s"] += time.perf_counter() - begun
-        cache.put(key, *computed)
+        computed, cached = cache.get_or_compute(key, lambda: extract_features(
+            extractor, dataset, device, precision, progress=config.progress, description=f"features {split}"))
+        if cached:
+            timings["cached_splits"] += 1
+        else:
+            timings["features_s"] += time.perf_counter() - begun
         return computed
 
     (train_f, train_y), (val_f, val_y), (test_f, test_y) = (
@@ -162,8 +198,13 @@ def _fixed_fast(config: TransferConfig, source, source_hash: str, data, train_se
     return model, selection, test_score, timings
 
 
-def _finetune_grid(config: TransferConfig, source, data, train_set, frozen: int, device, precision):
-    """Fine-tune once per learning rate, choose on validation, then (optionally) refit on train + val."""
+def _finetune_grid(config: TransferConfig, source, data, train_set, frozen: int, device, precision,
+                   checkpoints: Path, identity: dict[str, Any]):
+    """Fine-tune once per learning rate, choose on validation, then (optionally) refit on train + val.
+
+    Each fine-tuning checkpoints into ``checkpoints`` (``lr-0.01.pt``, ``refit-lr-0.01.pt``) and
+    continues from a checkpoint already there.
+    """
     paper = config.protocol == "paper"
 
     def recipe(lr: float) -> FinetuneRecipe:
@@ -174,12 +215,18 @@ def _finetune_grid(config: TransferConfig, source, data, train_set, frozen: int,
                               train_frozen_batchnorm=config.train_frozen_batchnorm, seed=config.seed)
 
     def fresh():
+        torch.manual_seed(config.seed)  # the new head's initialisation depends on the seed alone, not on history
         return replace_head(copy.deepcopy(source), data.num_classes, hidden=config.hidden)
+
+    def run(lr: float, dataset, stage: str):
+        name = f"{stage}lr {lr:g}"
+        return finetune(fresh(), dataset, recipe(lr), device, precision, config.progress, name,
+                        checkpoint=checkpoints / f"{name.replace(' ', '-')}.pt", identity=identity)
 
     val_scores, timings = {}, {"finetune_s": 0.0}
     best = None
     for lr in config.lrs:
-        model, info = finetune(fresh(), train_set, recipe(lr), device, precision, config.progress, f"lr {lr:g}")
+        model, info = run(lr, train_set, "")
         timings["finetune_s"] += info["seconds"]
         predictions, labels = predict(model, data.val, device, precision)
         val_scores[f"{lr:g}"] = score(predictions, labels, data.num_classes, data.metric)
@@ -187,8 +234,7 @@ def _finetune_grid(config: TransferConfig, source, data, train_set, frozen: int,
             best = (lr, val_scores[f"{lr:g}"], model)
     lr, _, model = best
     if config.refit:
-        model, info = finetune(fresh(), _concat(train_set, data.val), recipe(lr), device, precision,
-                               config.progress, f"refit lr {lr:g}")
+        model, info = run(lr, _concat(train_set, data.val), "refit ")
         timings["finetune_s"] += info["seconds"]
     predictions, labels = predict(model, data.test, device, precision)
     test_score = score(predictions, labels, data.num_classes, data.metric)

@@ -13,6 +13,8 @@ from .linear_probe import DEFAULT_PENALTIES
 
 PROTOCOLS = ("fast", "paper")
 _PARTIAL = re.compile(r"^partial:(\d+)$")
+# Fields that change how a run is executed but not what it computes: a resume may change them.
+EXECUTION_FIELDS = ("out_dir", "cache_dir", "progress", "device", "resume")
 
 
 @dataclass
@@ -22,7 +24,8 @@ class TransferConfig:
     For ``fixed`` the ``fast`` protocol fits the head by L-BFGS on cached features over
     ``penalties``; the ``paper`` protocol trains it by SGD through the frozen network
     (150 epochs, lr in {0.01, 0.001}, x0.1 every 50 epochs, batch 64, weight decay 5e-4).
-    eps values are in [0, 1] pixel units.
+    eps values are in [0, 1] pixel units. Fine-tuning checkpoints every epoch into
+    ``out_dir``/checkpoints/; ``resume`` continues an interrupted run from there.
     """
 
     source: str = ""
@@ -53,6 +56,7 @@ class TransferConfig:
     seed: int = 0
     cache_dir: str | None = None        # default: ~/.cache/robust-transfer/features
     progress: bool = True
+    resume: bool = False                # continue from out_dir's fine-tuning checkpoints (same settings)
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -92,3 +96,12 @@ class TransferConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """The configuration as result.json records it: all but ``resume``, so a resumed run records what an
+        uninterrupted one does."""
+        return {k: v for k, v in self.to_dict().items() if k != "resume"}
+
+    def recipe(self) -> dict:
+        """The fields that determine the result (what a resumed run must agree on)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}

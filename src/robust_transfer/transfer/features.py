@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, file_lock
 from ..attack import eval_mode
 from ..data import make_batches
 from ..models.surgery import classifier_head, set_submodule
@@ -83,6 +84,24 @@ class FeatureCache:
         except Exception as error:  # a foreign or damaged cache file: recompute rather than fail
             log.warning("ignoring unreadable feature cache %s (%s)", path, error)
             return None
+
+    def get_or_compute(self, key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+        """(features, labels) under ``key`` and whether they came from the cache.
+
+        Computed under a per-key file lock: processes that need the same features at once (the
+        runs of a study) extract them once; the others wait and read the result.
+        """
+        cached = self.get(key)
+        if cached is not None:
+            return cached, True
+        with file_lock(self.directory / f".{key}.lock"):
+            cached = self.get(key)
+            if cached is not None:
+                return cached, True
+            computed = compute()
+            self.put(key, *computed)
+            return computed, False
 
     def put(self, key: str, features: torch.Tensor, labels: torch.Tensor) -> None:
         data = save({"features": features.contiguous(), "labels": labels.contiguous()})

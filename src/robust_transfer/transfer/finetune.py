@@ -1,10 +1,22 @@
 """Fine-tuning a source model with a new head: full network, partial (first K stages frozen), or
-the head alone through the frozen network (the paper's fixed-feature protocol)."""
+the head alone through the frozen network (the paper's fixed-feature protocol).
+
+With a ``checkpoint`` path, the state after every epoch (weights, optimiser, schedule, random
+state) is written there atomically, with `robust_transfer.train.checkpoint`'s helpers; a
+checkpoint already there is continued from, so an interrupted fine-tuning ends exactly where an
+uninterrupted one would. One that holds the last epoch is a finished fine-tuning: it is loaded,
+not retrained.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,9 +26,12 @@ from ..data import make_batches
 from ..errors import RobustTransferError
 from ..models.stages import FrozenInfo, freeze_stages, set_train_mode
 from ..runtime import prepare_batch, prepare_model
+from ..train.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from ..train.objectives import Objective
 from ..train.schedule import lr_multiplier
 from ..train.step import NonFiniteLossError, train_step
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,9 +50,29 @@ class FinetuneRecipe:
     seed: int = 0
 
 
+def _resume_state(checkpoint: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``checkpoint`` when there is one, after checking that the same recipe wrote it."""
+    if not checkpoint.exists():
+        return None
+    state = load_checkpoint(checkpoint)
+    if state.get("identity") != identity:
+        saved = state.get("identity") or {}
+        differing = sorted(k for k in {*saved, *identity} if saved.get(k) != identity.get(k))
+        raise RobustTransferError(
+            f"cannot continue {checkpoint}: it was written by a different fine-tuning (differs in "
+            f"{', '.join(differing)}); use the original settings, or delete it to start afresh")
+    return state
+
+
 def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.device, precision: str,
-             progress: bool = False, description: str = "fine-tune") -> tuple[nn.Module, dict]:
-    """Train ``model`` (its new head already in place) on ``train_set``; return it and timings."""
+             progress: bool = False, description: str = "fine-tune", checkpoint: Path | None = None,
+             identity: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+    """Train ``model`` (its new head already in place) on ``train_set``; return it and timings.
+
+    ``checkpoint``: write the state there after every epoch and continue from a checkpoint already
+    there, which must have been written with the same ``recipe`` and ``identity`` (what else makes
+    the run: source model, data; checkpoint-safe values such as strings and numbers).
+    """
     info: FrozenInfo = freeze_stages(model, recipe.frozen_stages,
                                      train_frozen_batchnorm=recipe.train_frozen_batchnorm)
     model = prepare_model(model, device, precision)
@@ -53,21 +88,46 @@ def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.
     objective = Objective()
     train_mode = lambda m: set_train_mode(m, True, info)
     torch.manual_seed(recipe.seed)
+    identity = {"recipe": dataclasses.asdict(recipe), **(identity or {})}
+    state = _resume_state(checkpoint, identity) if checkpoint is not None else None
+    start_epoch, earlier_seconds = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if state["epoch"] < recipe.epochs:  # a finished one keeps no optimiser state: it will not step again
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start_epoch, earlier_seconds = state["epoch"], state["seconds"]
+        log.info("%s: continuing after epoch %d of %d from %s", description, start_epoch, recipe.epochs, checkpoint)
     started = time.perf_counter()
-    bar = tqdm(total=total, desc=description, unit="step", leave=False, disable=not progress)
-    for epoch in range(recipe.epochs):
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=description, unit="step", leave=False,
+               disable=not progress)
+    for epoch in range(start_epoch, recipe.epochs):
         for x, y in make_batches(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
                                  augment=recipe.augment, drop_last=True):
             try:
                 loss, _ = train_step(model, optimizer, objective, prepare_batch(x, device, precision), y.to(device),
                                      precision=precision, device=device, train_mode=train_mode)
             except NonFiniteLossError as error:
+                kept = f"; its last finished epoch stays in {checkpoint}" if checkpoint is not None else ""
                 raise RobustTransferError(f"fine-tuning stopped: {error} in epoch {epoch + 1} at lr {recipe.lr}; "
-                                          "try a smaller learning rate") from None
+                                          f"try a smaller learning rate{kept}") from None
             scheduler.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoint is not None:
+            _save(checkpoint, identity, epoch + 1, recipe.epochs, model, optimizer, scheduler,
+                  earlier_seconds + time.perf_counter() - started)
     bar.close()
     model.eval()
-    return model, {"seconds": time.perf_counter() - started, "trainable_parameters": info.trainable,
-                   "frozen_parameters": info.frozen}
+    return model, {"seconds": earlier_seconds + time.perf_counter() - started,
+                   "trainable_parameters": info.trainable, "frozen_parameters": info.frozen}
+
+
+def _save(path: Path, identity: dict[str, Any], epoch: int, epochs: int, model: nn.Module, optimizer, scheduler,
+          seconds: float) -> None:
+    state = {"identity": identity, "epoch": epoch, "model": model.state_dict(), "rng": rng_state(),
+             "seconds": seconds}
+    if epoch < epochs:  # only an unfinished fine-tuning needs the optimiser again: finished checkpoints stay small
+        state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    save_checkpoint(path, state)

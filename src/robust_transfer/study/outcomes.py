@@ -1,0 +1,88 @@
+"""Finished runs as flat records: what the report reads, independent of how the store keeps them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SourceOutcome:
+    """A source model of the study (pretrained by it, from the zoo, or a file) and its own accuracy."""
+
+    key: str
+    source: str                  # the source's label in the study spec
+    arch: str
+    norm: str | None             # threat model it was trained against (None: unknown)
+    eps: float                   # training eps; 0 = standard training
+    clean_acc: float | None      # on its own test data, when the study pretrained or evaluated it
+    robust_acc: float | None     # under the study's threat model
+    threat: str | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    """One finished transfer run: a source to a target dataset in one mode, at one grid point and seed."""
+
+    key: str
+    source: str                  # label of the source model in the study spec
+    arch: str
+    norm: str | None
+    eps: float                   # the source's training eps; 0 = standard, > 0 = robust
+    dataset: str
+    mode: str                    # fixed | full | partial:K
+    setting: str                 # the grid point's hyperparameters other than the seed, "k=v, ..." ("" if none)
+    seed: int
+    val_score: float             # validation score of the setting the run chose (what selection uses)
+    test_score: float
+    metric: str                  # top1 | mean_per_class
+    robust_acc: float | None     # robust accuracy after transfer, None when not measured
+    robust_threat: str | None
+    seconds: float
+
+    @property
+    def robust_source(self) -> bool:
+        return self.eps > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _threat_of(record_source: dict) -> tuple[str | None, float]:
+    threat = record_source.get("threat") or {}
+    return threat.get("norm"), float(threat.get("eps") or 0.0)
+
+
+def load_outcomes(store) -> tuple[list[SourceOutcome], list[TransferOutcome]]:
+    """The finished runs of a :class:`~robust_transfer.study.store.Store` as flat records."""
+    transfers, sources = [], {}
+    evaluations = {row.config["source_label"]: row for row in store.rows("evaluate", "done")}
+    for row in store.rows("pretrain", "done"):
+        recipe = row.config["pretrain"]
+        label = row.config["source_label"]
+        evaluation = evaluations.get(label)
+        measured = evaluation.result if evaluation else row.result.get("test") or {}
+        seconds = (row.seconds or 0.0) + ((evaluation.seconds or 0.0) if evaluation else 0.0)
+        sources[label] = SourceOutcome(
+            key=row.key, source=label, arch=recipe["arch"], norm=recipe["norm"] if recipe["eps"] else None,
+            eps=float(recipe["eps"]), clean_acc=measured.get("clean_acc"), robust_acc=measured.get("robust_acc"),
+            threat=measured.get("threat"), seconds=seconds)
+    for row in store.rows("transfer", "done"):
+        record, config = row.result, row.config
+        norm, eps = _threat_of(record["source"])
+        robust = record.get("robust") or {}
+        val_scores = record["selection"]["val_scores"].values()
+        transfers.append(TransferOutcome(
+            key=row.key, source=config["source_label"], arch=record["source"]["arch"], norm=norm, eps=eps,
+            dataset=config["target_label"], mode=record["mode"], setting=config["setting"],
+            seed=config["transfer"]["seed"], val_score=max(val_scores), test_score=record["test"]["score"],
+            metric=record["test"]["metric"], robust_acc=robust.get("robust_acc"), robust_threat=robust.get("threat"),
+            seconds=row.seconds or 0.0))
+        if config["source_label"] not in sources:
+            sources[config["source_label"]] = SourceOutcome(
+                key=row.depends_on or "", source=config["source_label"], arch=record["source"]["arch"], norm=norm,
+                eps=eps, clean_acc=None, robust_acc=None, threat=None, seconds=0.0)
+    return list(sources.values()), transfers

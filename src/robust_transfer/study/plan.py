@@ -1,0 +1,117 @@
+"""A study spec expanded into runs: pretraining first where asked, an evaluation of each pretrained source,
+then one transfer run per source x target x mode x grid point x seed.
+
+Each run is keyed by a hash of what it computes (never of where it writes), so the same run planned
+twice, by two processes or after a spec edit that leaves it unchanged, is the same row in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RobustTransferError
+from ..models.checkpoint import sha256_file, weights_path
+from ..train import PretrainConfig
+from ..transfer import TransferConfig
+from ..transfer.config import EXECUTION_FIELDS as TRANSFER_EXECUTION_FIELDS
+from .spec import Source, StudySpec, grid_points, transfer_settings
+
+KINDS = ("pretrain", "evaluate", "transfer")
+MODEL_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One unit of work: ``config`` holds everything a worker needs, ``depends_on`` the run it waits for."""
+
+    key: str
+    kind: str
+    label: str
+    config: dict[str, Any]
+    depends_on: str | None = None
+
+
+def run_key(identity: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of what a run computes (24 hex digits)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def setting_text(point: dict[str, Any]) -> str:
+    """A grid point as ``k=v, ...`` (empty for the single point of an empty grid)."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(point.items()))
+
+
+def plan_runs(spec: StudySpec) -> list[Run]:
+    """All runs of ``spec``, dependencies before the runs that need them."""
+    out = Path(spec.out_dir)
+    runs: list[Run] = []
+    source_refs: dict[str, tuple[dict[str, Any], str, str | None]] = {}
+    for source in spec.sources:
+        if source.pretrain is not None:
+            pretrain_run = _pretrain_run(source, out)
+            runs.append(pretrain_run)
+            model = str(Path(pretrain_run.config["pretrain"]["out_dir"]) / MODEL_NAME)
+            source_refs[source.label] = ({"pretrain": pretrain_run.key}, model, pretrain_run.key)
+            if spec.threat.eps > 0:
+                runs.append(_evaluate_run(spec, source, pretrain_run, model))
+        elif source.zoo is not None:
+            source_refs[source.label] = ({"zoo": source.zoo}, source.zoo, None)
+        else:
+            source_refs[source.label] = ({"file_sha256": _file_digest(source, spec)}, str(source.file), None)
+
+    for source in spec.sources:
+        identity, model, dependency = source_refs[source.label]
+        for target in spec.targets:
+            for mode in spec.modes:
+                for point in grid_points(spec.grid):
+                    for seed in spec.seeds:
+                        runs.append(_transfer_run(spec, source, identity, model, dependency, target, mode, point,
+                                                  seed, out))
+    return runs
+
+
+def _pretrain_run(source: Source, out: Path) -> Run:
+    config = PretrainConfig(**source.pretrain)
+    key = run_key({"kind": "pretrain", "recipe": config.recipe(), "data_root": config.data_root})
+    values = {**config.to_dict(), "out_dir": str(out / "pretrain" / f"{source.label}-{key[:8]}"), "resume": True,
+              "progress": False}
+    return Run(key, "pretrain", f"pretrain {source.label}", {"source_label": source.label, "pretrain": values})
+
+
+def _evaluate_run(spec: StudySpec, source: Source, pretrain_run: Run, model: str) -> Run:
+    threat = spec.threat
+    recipe = pretrain_run.config["pretrain"]
+    identity = {"kind": "evaluate", "model": pretrain_run.key, "dataset": recipe["dataset"],
+                "data_root": recipe["data_root"], "threat": [threat.norm, threat.eps, threat.steps, threat.examples]}
+    config = {"source_label": source.label, "model": model, "dataset": recipe["dataset"],
+              "data_root": recipe["data_root"], "seed": recipe["seed"], "norm": threat.norm, "eps": threat.eps,
+              "steps": threat.steps, "examples": threat.examples}
+    return Run(run_key(identity), "evaluate", f"evaluate {source.label} under {threat.norm} eps {threat.eps:g}",
+               config, depends_on=pretrain_run.key)
+
+
+def _file_digest(source: Source, spec: StudySpec) -> str:
+    path = weights_path(source.file)
+    if not path.is_file():
+        raise RobustTransferError(f"{spec.origin}: sources {source.label!r}: no model file at {source.file}")
+    return sha256_file(path)
+
+
+def _transfer_run(spec, source, identity, model, dependency, target, mode, point, seed, out) -> Run:
+    settings = transfer_settings(spec, mode, point)
+    config = TransferConfig(source=model, dataset=target.dataset, data_root=target.data_root, seed=seed,
+                            **settings).to_dict()
+    computed = {k: v for k, v in config.items() if k not in TRANSFER_EXECUTION_FIELDS and k != "source"}
+    key = run_key({"kind": "transfer", "source": identity, "config": computed})
+    target_label = target.label or target.dataset
+    config.update(out_dir=str(out / "transfer" / f"{source.label}-{target_label}-{key[:8]}"),
+                  cache_dir=str(out / "features"), progress=False)
+    setting = setting_text(point)
+    label = f"{source.label} -> {target_label} {mode}" + (f" [{setting}]" if setting else "") + f" seed {seed}"
+    return Run(key, "transfer", label,
+               {"source_label": source.label, "target_label": target_label, "setting": setting, "transfer": config},
+               depends_on=dependency)

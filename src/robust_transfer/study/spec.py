@@ -1,0 +1,316 @@
+"""The study spec: a TOML file naming sources, targets, modes, grids and seeds, checked field by field.
+
+A spec looks like this (every table but ``[[sources]]`` is optional)::
+
+    name = "robust-vs-standard"
+    out_dir = "runs/robust-vs-standard"   # run folders, shared features and study.sqlite
+    targets = ["animal-mnist", "mnist-5k"]  # or [[targets]] tables: dataset, data_root, label
+    modes = ["fixed", "full"]              # fixed, full, partial:K
+    seeds = [0, 1]
+
+    [threat]            # robust accuracy of each source, and after transfer
+    norm = "l2"
+    eps = 1.0
+    steps = 20
+    examples = 500
+
+    [[sources]]         # one of: zoo = NAME, file = PATH, or a [sources.pretrain] recipe
+    label = "fmnist"
+    eps = [0, 0.5, 1]   # pretraining sources: one model per eps (method pgd; eps 0 = standard)
+    [sources.pretrain]  # any `robust-transfer pretrain` setting
+    dataset = "fashion-mnist"
+    arch = "small_resnet"
+
+    [transfer]          # any `robust-transfer transfer` setting, for every run
+    epochs = 5
+    [transfer.full]     # settings for one mode only
+    lrs = [0.01]
+
+    [grid]              # every combination of these lists is its own run
+    batch_size = [32, 64]
+
+Errors name the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import RobustTransferError
+from ..parsing import parse_eps
+from ..train import PretrainConfig
+from ..train.config import EXECUTION_FIELDS as PRETRAIN_EXECUTION_FIELDS
+from ..transfer import TransferConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "grid")
+SOURCE_KEYS = ("label", "zoo", "file", "pretrain", "eps")
+TARGET_KEYS = ("dataset", "data_root", "label")
+THREAT_KEYS = ("norm", "eps", "steps", "examples")
+# Transfer settings a study decides itself: the source, where the run writes, what is shared.
+STUDY_OWNED = ("source", "out_dir", "cache_dir", "progress", "dataset", "data_root", "mode", "seed", "resume",
+               "eval_norm", "eval_eps", "eval_steps", "eval_examples")
+
+
+@dataclass(frozen=True)
+class Threat:
+    """The threat model a study measures robustness under: of each source and after each transfer."""
+
+    norm: str = "l2"
+    eps: float = 0.0
+    steps: int = 20
+    examples: int = 500
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source model: exactly one of ``zoo``, ``file`` or ``pretrain`` (a recipe the study runs first)."""
+
+    label: str
+    zoo: str | None = None
+    file: str | None = None
+    pretrain: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    dataset: str
+    data_root: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A parsed and checked study: :func:`robust_transfer.study.plan.plan_runs` expands it into runs."""
+
+    name: str
+    out_dir: str
+    sources: tuple[Source, ...]
+    targets: tuple[Target, ...]
+    modes: tuple[str, ...] = ("fixed",)
+    seeds: tuple[int, ...] = (0,)
+    threat: Threat = Threat()
+    transfer: dict[str, Any] = field(default_factory=dict)
+    mode_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    origin: str = "<spec>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Checker:
+    """Raises errors that name the spec file and the field at fault."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def fail(self, where: str, message: str) -> RobustTransferError:
+        return RobustTransferError(f"{self.origin}: {where}: {message}")
+
+    def only(self, table: dict, allowed: tuple[str, ...], where: str) -> None:
+        if not isinstance(table, dict):
+            raise self.fail(where, f"expected a table, got {type(table).__name__}")
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise self.fail(where, f"unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+    def list_of(self, value: Any, kind: type | tuple[type, ...], where: str) -> list:
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(where, f"expected a non-empty list of {names}, got {value!r}")
+        return values
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and check a study spec file (TOML)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RobustTransferError(f"no study spec at {path}") from None
+    except OSError as error:
+        raise RobustTransferError(f"cannot read the study spec {path}: {error.strerror}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RobustTransferError(f"{path}: not valid TOML: {error}") from None
+    return parse_spec(document, origin=str(path), base=path.parent)
+
+
+def parse_spec(document: dict[str, Any], origin: str = "<spec>", base: Path | None = None) -> StudySpec:
+    """Check a spec given as a dict (the parsed TOML). Relative file paths resolve against ``base``."""
+    check = _Checker(origin)
+    check.only(document, TOP_LEVEL, "top level")
+    name = document.get("name", Path(origin).stem if origin != "<spec>" else "study")
+    if not isinstance(name, str) or not name:
+        raise check.fail("name", "expected a non-empty string")
+    out_dir = document.get("out_dir", f"runs/{name}")
+    if not isinstance(out_dir, str):
+        raise check.fail("out_dir", "expected a folder path as a string")
+    base = base or Path(".")
+
+    sources = _sources(document.get("sources"), check, base)
+    targets = _targets(document.get("targets"), check)
+    modes = tuple(check.list_of(document.get("modes", ["fixed"]), str, "modes"))
+    for mode in modes:
+        try:
+            TransferConfig(source="-", mode=mode)
+        except RobustTransferError as error:
+            raise check.fail("modes", str(error)) from None
+    seeds = tuple(check.list_of(document.get("seeds", [0]), int, "seeds"))
+    threat = _threat(document.get("threat", {}), check)
+    transfer, mode_settings = _transfer(document.get("transfer", {}), modes, check)
+    grid = _grid(document.get("grid", {}), check)
+    spec = StudySpec(name=name, out_dir=str(out_dir), sources=sources, targets=targets, modes=modes, seeds=seeds,
+                     threat=threat, transfer=transfer, mode_settings=mode_settings, grid=grid, origin=origin)
+    # Build every transfer configuration once so a bad value fails now, not in the middle of a study.
+    for mode in modes:
+        for point in grid_points(grid):
+            try:
+                transfer_settings(spec, mode, point)
+            except RobustTransferError as error:
+                where = f"[transfer.{mode}]" if mode_settings.get(mode) else "[transfer]"
+                raise check.fail(f"{where} / [grid] {point}" if point else where, str(error)) from None
+    return spec
+
+
+def _sources(raw: Any, check: _Checker, base: Path) -> tuple[Source, ...]:
+    if not raw or not isinstance(raw, list):
+        raise check.fail("sources", "give at least one [[sources]] table with zoo = NAME, file = PATH or "
+                                    "a [sources.pretrain] recipe")
+    sources: list[Source] = []
+    for index, table in enumerate(raw):
+        where = f"sources[{index}]"
+        check.only(table, SOURCE_KEYS, where)
+        kinds = [k for k in ("zoo", "file", "pretrain") if k in table]
+        if len(kinds) != 1:
+            raise check.fail(where, "give exactly one of zoo = NAME, file = PATH or a [sources.pretrain] table")
+        label = table.get("label") or Path(str(table.get("zoo") or table.get("file") or "pretrain")).stem
+        if "eps" in table and kinds[0] != "pretrain":
+            raise check.fail(f"{where}.eps", "eps lists apply to pretraining sources; a zoo model or file "
+                                             "already has its eps")
+        if kinds[0] == "zoo":
+            sources.append(Source(label=label, zoo=str(table["zoo"])))
+        elif kinds[0] == "file":
+            path = Path(str(table["file"])).expanduser()
+            sources.append(Source(label=label, file=str(path if path.is_absolute() else (base / path).resolve())))
+        else:
+            sources.extend(_pretrain_sources(table, label, check, where))
+    labels = [s.label for s in sources]
+    duplicate = next((label for label in labels if labels.count(label) > 1), None)
+    if duplicate:
+        raise check.fail("sources", f"two sources are labelled {duplicate!r}: give each a distinct label")
+    return tuple(sources)
+
+
+def _pretrain_sources(table: dict, label: str, check: _Checker, where: str) -> list[Source]:
+    recipe = table["pretrain"]
+    check.only(recipe, tuple(f.name for f in dataclasses.fields(PretrainConfig)
+                             if f.name not in PRETRAIN_EXECUTION_FIELDS or f.name == "data_root"),
+               f"{where}.pretrain")
+    eps_values = check.list_of(table.get("eps", recipe.get("eps", 1.0)), (int, float, str), f"{where}.eps")
+    sources = []
+    for raw_eps in eps_values:
+        try:
+            eps = parse_eps(raw_eps)
+            values = {**recipe, "eps": eps}
+            if eps == 0:
+                values["method"] = "standard"
+            PretrainConfig(**values)
+        except (RobustTransferError, TypeError) as error:
+            raise check.fail(f"{where}.pretrain", str(error)) from None
+        name = f"{label}-eps{eps:g}" if len(eps_values) > 1 or "eps" in table else label
+        sources.append(Source(label=name, pretrain=values))
+    return sources
+
+
+def _targets(raw: Any, check: _Checker) -> tuple[Target, ...]:
+    if not raw or not isinstance(raw, list):
+        raise check.fail("targets", 'give a list of dataset names, e.g. targets = ["animal-mnist", "digits"]')
+    from ..data import list_datasets
+
+    known = list_datasets()
+    targets = []
+    for index, item in enumerate(raw):
+        where = f"targets[{index}]"
+        table = {"dataset": item} if isinstance(item, str) else item
+        check.only(table, TARGET_KEYS, where)
+        dataset = table.get("dataset")
+        if dataset not in known:
+            raise check.fail(where, f"unknown dataset {dataset!r}; known: {', '.join(known)}")
+        targets.append(Target(dataset=dataset, data_root=table.get("data_root"), label=table.get("label")))
+    return tuple(targets)
+
+
+def _threat(raw: Any, check: _Checker) -> Threat:
+    check.only(raw, THREAT_KEYS, "threat")
+    try:
+        threat = Threat(norm=str(raw.get("norm", "l2")), eps=parse_eps(raw.get("eps", 0.0)),
+                        steps=int(raw.get("steps", 20)), examples=int(raw.get("examples", 500)))
+        TransferConfig(source="-", eval_norm=threat.norm, eval_eps=threat.eps)
+        from ..threat import ThreatModel
+
+        ThreatModel(threat.norm, threat.eps)
+    except (RobustTransferError, ValueError, TypeError) as error:
+        raise check.fail("threat", str(error)) from None
+    if threat.steps < 1 or threat.examples < 1:
+        raise check.fail("threat", "steps and examples must be >= 1")
+    return threat
+
+
+def _transfer_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TransferConfig) if f.name not in STUDY_OWNED)
+
+
+def _transfer(raw: Any, modes: tuple[str, ...], check: _Checker) -> tuple[dict, dict]:
+    allowed = _transfer_fields()
+    if not isinstance(raw, dict):
+        raise check.fail("transfer", "expected a table")
+    shared = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    per_mode = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    check.only(shared, allowed, "[transfer]")
+    for mode, table in per_mode.items():
+        if mode not in modes:
+            raise check.fail(f"[transfer.{mode}]", f"{mode!r} is not one of the study's modes ({', '.join(modes)})")
+        check.only(table, allowed, f"[transfer.{mode}]")
+    return shared, per_mode
+
+
+def _grid(raw: Any, check: _Checker) -> dict[str, list[Any]]:
+    check.only(raw, _transfer_fields(), "[grid]")
+    grid = {}
+    for key, values in raw.items():
+        if not isinstance(values, list) or not values:
+            raise check.fail(f"[grid].{key}", f"expected a non-empty list of values to try, got {values!r}")
+        grid[key] = values
+    return grid
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in a stable order ([{}] for an empty grid)."""
+    keys = sorted(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def transfer_settings(spec: StudySpec, mode: str, point: dict[str, Any]) -> dict[str, Any]:
+    """The transfer settings of one run (before the study fills in source, target and seed), checked."""
+    settings = {**spec.transfer, **spec.mode_settings.get(mode, {}), **point, "mode": mode}
+    if spec.threat.eps > 0:
+        settings.update(eval_norm=spec.threat.norm, eval_eps=spec.threat.eps, eval_steps=spec.threat.steps,
+                        eval_examples=spec.threat.examples)
+    try:
+        TransferConfig(source="-", **settings)
+    except TypeError as error:
+        raise RobustTransferError(str(error)) from None
+    return settings

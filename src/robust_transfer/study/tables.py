@@ -1,0 +1,206 @@
+"""The report's numbers: Table 1, accuracy-vs-eps curves and per-architecture bars, from finished transfer runs.
+
+Pure computations over :class:`~robust_transfer.study.outcomes.TransferOutcome` records; writing files is
+:mod:`robust_transfer.study.report`'s job. Every choice follows the paper: runs of one source and one
+hyperparameter setting are pooled over seeds, and the best of several is *selected on validation and
+reported on test*, so the test set never chooses what it scores.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ..errors import RobustTransferError
+from .outcomes import TransferOutcome
+
+NO_RUNS = "no finished transfer runs in the store yet: run `robust-transfer study run SPEC` first"
+TIE_TOLERANCE = 1e-9  # test means closer than this are float noise, not a difference
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    """One source model at one hyperparameter setting on one dataset and mode, pooled over seeds.
+
+    ``test_std`` is the sample standard deviation over seeds (0 for one seed); ``robust_acc`` the mean
+    robust accuracy after transfer over the seeds that measured it (None: none did).
+    """
+
+    source: str
+    arch: str
+    norm: str | None
+    eps: float
+    setting: str
+    metric: str
+    val_mean: float
+    test_mean: float
+    test_std: float
+    n_seeds: int
+    robust_acc: float | None
+
+    @property
+    def robust(self) -> bool:
+        return self.eps > 0
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    """The paper's Table 1 for one dataset and mode: the best robust against the best standard source.
+
+    ``delta`` is robust minus standard test mean and ``winner`` is ``"robust"``, ``"standard"`` or
+    ``"tie"``; both are None when a side has no runs.
+    """
+
+    dataset: str
+    mode: str
+    metric: str
+    best_robust: SourceResult | None
+    best_standard: SourceResult | None
+    delta: float | None
+    winner: str | None
+
+
+@dataclass(frozen=True)
+class ArchRow:
+    """Table 1 restricted to one architecture (the paper's Figure 4 bars)."""
+
+    dataset: str
+    mode: str
+    arch: str
+    best_robust: SourceResult | None
+    best_standard: SourceResult | None
+    delta: float | None
+    winner: str | None
+
+
+class CurveKey(NamedTuple):
+    """One accuracy-vs-eps curve: a dataset, a mode, an architecture and the robust sources' threat model.
+
+    Curves are split by ``norm`` because L2 and Linf eps are on different scales; the standard
+    sources (eps 0) of the architecture are the eps-0 point of every norm's curve. ``norm`` is None
+    for a curve without robust sources, or whose robust sources' threat model is unknown.
+    """
+
+    dataset: str
+    mode: str
+    arch: str
+    norm: str | None
+
+
+class CurvePoint(NamedTuple):
+    """The best group at one source eps (selected on validation): its test mean and std over seeds."""
+
+    eps: float
+    test_mean: float
+    test_std: float
+
+
+def mode_order(mode: str) -> tuple:
+    """fixed, full, then partial:K by K (numerically: partial:10 after partial:2)."""
+    if mode.startswith("partial:") and mode[8:].isdigit():
+        return (2, int(mode[8:]), mode)
+    return ({"fixed": 0, "full": 1}.get(mode, 3), 0, mode)
+
+
+def _require(transfers: list[TransferOutcome]) -> None:
+    if not transfers:
+        raise RobustTransferError(NO_RUNS)
+
+
+def _pool(runs: list[TransferOutcome]) -> SourceResult:
+    runs = sorted(runs, key=lambda run: run.seed)  # a fixed order keeps float means reproducible
+    first, tests = runs[0], [run.test_score for run in runs]
+    robust = [run.robust_acc for run in runs if run.robust_acc is not None]
+    return SourceResult(
+        source=first.source, arch=first.arch, norm=first.norm if first.eps > 0 else None, eps=first.eps,
+        setting=first.setting, metric=first.metric, val_mean=statistics.fmean(run.val_score for run in runs),
+        test_mean=statistics.fmean(tests), test_std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
+        n_seeds=len(runs), robust_acc=statistics.fmean(robust) if robust else None)
+
+
+def pool_seeds(transfers: Iterable[TransferOutcome]) -> list[SourceResult]:
+    """Pool runs that differ only in their seed: one result per (source, setting)."""
+    groups: dict[tuple, list[TransferOutcome]] = defaultdict(list)
+    for run in transfers:
+        groups[(run.source, run.arch, run.norm, run.eps, run.setting)].append(run)
+    return [_pool(runs) for runs in groups.values()]
+
+
+def select(results: Iterable[SourceResult]) -> SourceResult | None:
+    """The result with the highest mean validation score; ties go to lower eps, then label, then setting."""
+    return min(results, key=lambda r: (-r.val_mean, r.eps, r.source, r.setting), default=None)
+
+
+def _compare(results: list[SourceResult]) -> tuple[SourceResult | None, SourceResult | None, float | None, str | None]:
+    robust = select(r for r in results if r.robust)
+    standard = select(r for r in results if not r.robust)
+    if robust is None or standard is None:
+        return robust, standard, None, None
+    delta = robust.test_mean - standard.test_mean
+    winner = "tie" if abs(delta) <= TIE_TOLERANCE else "robust" if delta > 0 else "standard"
+    return robust, standard, delta, winner
+
+
+def _by(transfers: Iterable[TransferOutcome], *fields: str) -> dict[tuple, list[TransferOutcome]]:
+    groups: dict[tuple, list[TransferOutcome]] = defaultdict(list)
+    for run in transfers:
+        groups[tuple(getattr(run, field) for field in fields)].append(run)
+    return groups
+
+
+def table1(transfers: list[TransferOutcome]) -> list[Table1Row]:
+    """The paper's Table 1: per dataset and mode, the best robust and the best standard source.
+
+    "Best" is the (source, setting) group with the highest mean validation score over seeds; the row
+    reports that group's test score. Rows are sorted by dataset, then mode.
+    """
+    _require(transfers)
+    rows = []
+    for (dataset, mode), runs in _by(transfers, "dataset", "mode").items():
+        results = pool_seeds(runs)
+        metric = "/".join(sorted({r.metric for r in results}))
+        rows.append(Table1Row(dataset, mode, metric, *_compare(results)))
+    return sorted(rows, key=lambda row: (row.dataset, mode_order(row.mode)))
+
+
+def arch_bars(transfers: list[TransferOutcome]) -> list[ArchRow]:
+    """Per dataset, mode and architecture: the best robust against the best standard source (Figure 4)."""
+    _require(transfers)
+    rows = [ArchRow(dataset, mode, arch, *_compare(pool_seeds(runs)))
+            for (dataset, mode, arch), runs in _by(transfers, "dataset", "mode", "arch").items()]
+    return sorted(rows, key=lambda row: (row.dataset, mode_order(row.mode), row.arch))
+
+
+def _best_at_each_eps(results: list[SourceResult]) -> list[SourceResult]:
+    by_eps: dict[float, list[SourceResult]] = defaultdict(list)
+    for result in results:
+        by_eps[result.eps].append(result)
+    return [select(by_eps[eps]) for eps in sorted(by_eps)]
+
+
+def best_per_eps(transfers: list[TransferOutcome]) -> dict[CurveKey, list[SourceResult]]:
+    """Per :class:`CurveKey`, the best result at each source eps (selected on validation), by eps."""
+    _require(transfers)
+    curves = {}
+    for (dataset, mode, arch), runs in _by(transfers, "dataset", "mode", "arch").items():
+        results = pool_seeds(runs)
+        standard = [r for r in results if not r.robust]
+        norms = sorted({r.norm or "" for r in results if r.robust}) or [None]
+        for norm in norms:  # "": robust sources of unknown threat model; None: no robust sources
+            robust = [r for r in results if r.robust and (r.norm or "") == norm]
+            curves[CurveKey(dataset, mode, arch, norm or None)] = _best_at_each_eps(standard + robust)
+    return dict(sorted(curves.items(), key=lambda item: (item[0].dataset, mode_order(item[0].mode),
+                                                         item[0].arch, item[0].norm or "")))
+
+
+def eps_curves(transfers: list[TransferOutcome]) -> dict[CurveKey, list[CurvePoint]]:
+    """Accuracy against source eps: per (dataset, mode, arch, norm), one point per eps, sorted by eps.
+
+    Each point is the group selected on validation at that eps, with its test mean and std over seeds.
+    With one architecture and one threat model there is one curve per (dataset, mode).
+    """
+    return {key: [CurvePoint(r.eps, r.test_mean, r.test_std) for r in results]
+            for key, results in best_per_eps(transfers).items()}
