@@ -162,7 +162,10 @@ def test_evaluate_of_a_missing_model_names_the_path(tmp_path, capsys):
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores for two processes")
 def test_two_process_training_matches_one_process(tmp_path):
-    config = dict(TINY, method="pgd", precision="fp32", random_start=False, epochs=1, train_examples=256)
+    # Standard training: the cross-process parts are BatchNorm statistics and the gradient all-reduce. With a
+    # PGD objective the float differences of the two summation orders grow with the data drawn (up to 4e-2 in
+    # BatchNorm statistics on some 256-image subsets), which would make this comparison a matter of luck.
+    config = dict(TINY, method="standard", eps=0.0, precision="fp32", epochs=1, train_examples=256)
     single = pretrain(PretrainConfig(**config, out_dir=str(tmp_path / "single")))
     args = _cli_args(config)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -444,3 +444,16 @@ def test_twenty_kills_at_random_moments_end_with_the_same_weights(tmp_path):
     report = _kill_and_resume(config, tmp_path, kills=20, seed=1)
     print(report)
     assert report["kills"] == 20
+
+
+def test_a_resumed_run_removes_the_temporary_files_of_killed_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    leftover = run_dir / ".checkpoint.pt.k1ll3d.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    keep = run_dir / "notes.txt"
+    keep.write_text("mine")
+    pretrain(PretrainConfig(**{**TINY, "method": "standard", "eps": 0.0}, out_dir=str(run_dir), resume=True))
+    assert not leftover.exists() and keep.read_text() == "mine"
+    assert not list(run_dir.glob(".*.tmp"))
+

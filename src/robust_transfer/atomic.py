@@ -43,6 +43,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text), mode="w")
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that writes killed mid-way left in ``folder``; returns how many.
+
+    Call it only where one process writes (a run's own folder), before that process writes.
+    """
+    removed = 0
+    for leftover in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if needed) between processes.

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..data import load_dataset, make_batches, sample_examples
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
@@ -52,6 +52,7 @@ def _check_run_dir(run_dir: Path, config: PretrainConfig) -> None:
     if (run_dir / CHECKPOINT_NAME).exists() and not config.resume:
         raise RobustTransferError(
             f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    remove_stale_temporaries(run_dir)  # left by a kill in the middle of a checkpoint write
 
 
 def _resume_state(run_dir: Path, config: PretrainConfig) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from .. import __version__
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..data import InMemoryDataset, load_dataset, sample_examples
 from ..data.augment import EVAL_TRANSFORM
 from ..errors import RobustTransferError
@@ -84,6 +84,8 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     precision = resolve_precision(config.precision, device)
     out_dir = prepare_output_dir(config.out_dir)
     checkpoints = out_dir / CHECKPOINT_DIR
+    for folder in (out_dir, checkpoints):  # leftovers of writes killed mid-way
+        remove_stale_temporaries(folder)
     unfinished = checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
     if unfinished and not config.resume:
         raise RobustTransferError(f"{out_dir} holds the checkpoints of an unfinished transfer: pass --resume to "
