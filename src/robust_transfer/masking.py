@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .attack import eval_mode, per_example_cross_entropy
+from .data import sample_examples
 from .errors import RobustTransferError
 from .runtime import resolve_device
 from .threat import ThreatModel
@@ -166,11 +168,13 @@ def measure(
     seed: int = 0,
     more_steps: bool = True,
 ) -> MaskingMeasurements:
-    """Run the extra attacks on the first ``max_examples`` examples of ``data`` and collect accuracies."""
+    """Run the extra attacks on ``max_examples`` examples of ``data`` (a seeded sample of a Dataset)."""
     from .evaluation import evaluate
 
     if threat.eps <= 0:
         raise RobustTransferError("the gradient-masking checks need a threat model with eps > 0")
+    if isinstance(data, Dataset):  # a random sample: many datasets store their examples class by class
+        data = sample_examples(data, max_examples, seed)
     x, y = _subset(data, max_examples, batch_size)
     torch_device = resolve_device(device)
     param = next(model.parameters(), None)
