@@ -144,22 +144,23 @@ def run_ray(store_path: str | Path, address: str | None = None, max_parallel: in
     owner, host, pid = worker_identity()
     inflight: dict = {}
     try:
-        while True:
-            while len(inflight) < capacity and (claim := store.claim(owner, host, pid)) is not None:
-                heartbeat.add(claim.token)
-                inflight[remote.remote(claim.run)] = (claim, time.perf_counter())
-                bar.update(claim.run.label)
-            if not inflight:
-                if not store.runnable_left():
-                    return
-                time.sleep(IDLE_POLL_S)
-                continue
-            finished, _ = ray.wait(list(inflight), num_returns=1, timeout=IDLE_POLL_S * 5)
-            for ref in finished:
-                claim, started = inflight.pop(ref)
-                _record_remote(store, claim, lambda ref=ref: ray.get(ref), time.perf_counter() - started)
-                heartbeat.discard(claim.token)
-                bar.update()
+        with _log_lines_above(progress):
+            while True:
+                while len(inflight) < capacity and (claim := store.claim(owner, host, pid)) is not None:
+                    heartbeat.add(claim.token)
+                    inflight[remote.remote(claim.run)] = (claim, time.perf_counter())
+                    bar.update(claim.run.label)
+                if not inflight:
+                    if not store.runnable_left():
+                        return
+                    time.sleep(IDLE_POLL_S)
+                    continue
+                finished, _ = ray.wait(list(inflight), num_returns=1, timeout=IDLE_POLL_S * 5)
+                for ref in finished:
+                    claim, started = inflight.pop(ref)
+                    _record_remote(store, claim, lambda ref=ref: ray.get(ref), time.perf_counter() - started)
+                    heartbeat.discard(claim.token)
+                    bar.update()
     except BaseException:
         for claim, _ in inflight.values():
             store.release(claim)
