@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -207,30 +208,15 @@ def measure(
         more_steps_acc=more, zero_gradient_fraction=zero)
 
 
-def masking_checks(
-    model: nn.Module,
-    data,
-    threat: ThreatModel,
-    steps: int = 20,
-    step_size: float | None = None,
-    restarts: int = 0,
-    random_start: bool = True,
-    batch_size: int = 256,
-    device: str = "auto",
-    precision: str = "fp32",
-    max_examples: int = DEFAULT_EXAMPLES,
-    seed: int = 0,
-    more_steps: bool = True,
-) -> list[str]:
+def masking_checks(model: nn.Module, data, threat: ThreatModel, **attack: Any) -> list[str]:
     """Warnings (plain sentences, empty when all is well) about signs of gradient masking.
 
-    Runs, on the first ``max_examples`` examples of ``data`` (a DataLoader, a Dataset or an
-    ``(images, labels)`` pair of [0, 1] images), the attack described by ``steps``, ``step_size``,
-    ``restarts`` and ``random_start`` at eps/2, eps and 2*eps and at an eps covering the whole
-    image box, once more with the other random-start setting, once with 5x the steps (unless
-    ``more_steps`` is False) and one input-gradient pass: about 10x the cost of evaluating that
-    subset once. The warnings are symptoms, not proof; each names what to try.
+    ``attack`` takes the keyword arguments of :func:`measure` (``steps``, ``step_size``, ``restarts``,
+    ``random_start``, ``batch_size``, ``device``, ``precision``, ``max_examples``, ``seed``,
+    ``more_steps``). Runs, on ``max_examples`` examples of ``data`` (a DataLoader, a Dataset or an
+    ``(images, labels)`` pair of [0, 1] images), that attack at eps/2, eps and 2*eps and at an eps
+    covering the whole image box, once more with the other random-start setting, once with 5x the
+    steps (unless ``more_steps`` is False) and one input-gradient pass: about 10x the cost of
+    evaluating that subset once. The warnings are symptoms, not proof; each names what to try.
     """
-    return judge(measure(model, data, threat, steps=steps, step_size=step_size, restarts=restarts,
-                         random_start=random_start, batch_size=batch_size, device=device, precision=precision,
-                         max_examples=max_examples, seed=seed, more_steps=more_steps), threat)
+    return judge(measure(model, data, threat, **attack), threat)

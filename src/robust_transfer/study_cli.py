@@ -9,15 +9,15 @@ STORE_HELP = "the study store (study.sqlite), its folder, or the spec that made 
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .study import run_study, study_status
+    from .study import run_study
 
     path = run_study(args.spec, executor=args.executor, workers=args.workers, address=args.address,
                      store_path=args.store, progress=args.progress)
-    return _print_status(path, study_status)
+    return _print_status(path)
 
 
-def _print_status(path, study_status) -> int:
-    from .study import Store, format_status
+def _print_status(path) -> int:
+    from .study import Store, format_status, study_status
 
     with Store(path, create=False) as store:
         status = study_status(store)
@@ -28,13 +28,13 @@ def _print_status(path, study_status) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .study import resolve_store, study_status
+    from .study import resolve_store
 
-    return _print_status(resolve_store(args.store), study_status)
+    return _print_status(resolve_store(args.store))
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from .study import Store, resolve_store, study_status
+    from .study import Store, resolve_store
     from .study.worker import work
 
     path = resolve_store(args.store)
@@ -46,7 +46,7 @@ def _retry(args: argparse.Namespace) -> int:
     print(f"retrying {len(keys)} run(s)")
     if args.execute:
         work(path, only=keys)
-    return _print_status(path, study_status)
+    return _print_status(path)
 
 
 def _report(args: argparse.Namespace) -> int:

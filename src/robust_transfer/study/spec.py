@@ -43,6 +43,7 @@ from typing import Any
 
 from ..errors import RobustTransferError
 from ..parsing import parse_eps
+from ..threat import ThreatModel
 from ..train import PretrainConfig
 from ..train.config import EXECUTION_FIELDS as PRETRAIN_EXECUTION_FIELDS
 from ..transfer import TransferConfig
@@ -258,10 +259,7 @@ def _threat(raw: Any, check: _Checker) -> Threat:
     try:
         threat = Threat(norm=str(raw.get("norm", "l2")), eps=parse_eps(raw.get("eps", 0.0)),
                         steps=int(raw.get("steps", 20)), examples=int(raw.get("examples", 500)))
-        TransferConfig(source="-", eval_norm=threat.norm, eval_eps=threat.eps)
-        from ..threat import ThreatModel
-
-        ThreatModel(threat.norm, threat.eps)
+        ThreatModel(threat.norm, threat.eps)  # checks the norm
     except (RobustTransferError, ValueError, TypeError) as error:
         raise check.fail("threat", str(error)) from None
     if threat.steps < 1 or threat.examples < 1:

@@ -40,9 +40,10 @@ def study_status(store: Store) -> StudyStatus:
         if row.status == "done" and row.seconds is not None:
             durations.setdefault(_kind_of(row), []).append(row.seconds)
     running = [r for r in rows if r.status == "running"]
-    blocked = {r.key for r in rows if r.status == "failed"}
-    left = [r for r in rows if r.status == "pending" and r.depends_on not in blocked] + running
-    workers = len({r.owner for r in running}) or 1
+    failed = [r for r in rows if r.status == "failed"]
+    failed_keys = {r.key for r in failed}
+    left = [r for r in rows if r.status == "pending" and r.depends_on not in failed_keys] + running
+    workers = len({r.owner for r in running})
     eta = None
     if durations:
         overall = statistics.mean(s for values in durations.values() for s in values)
@@ -53,9 +54,8 @@ def study_status(store: Store) -> StudyStatus:
             if row.status == "running" and row.started:
                 expected = max(0.0, expected - (now - row.started))
             total += expected
-        eta = total / workers
-    return StudyStatus(counts=counts, failed=[r for r in rows if r.status == "failed"], running=running, eta_s=eta,
-                       workers=len({r.owner for r in running}))
+        eta = total / max(workers, 1)
+    return StudyStatus(counts=counts, failed=failed, running=running, eta_s=eta, workers=workers)
 
 
 def _duration(seconds: float) -> str:

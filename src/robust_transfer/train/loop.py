@@ -92,6 +92,7 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed)
     train_set = sample_examples(data.train, config.train_examples, config.seed)
+    val_set = sample_examples(data.val, config.eval_examples, config.seed)  # the same sample every epoch
     augment = config.augment or data.default_augment
     model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                          mean=data.mean, std=data.std)
@@ -127,7 +128,7 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
             summary = _run_epoch(config, context, precision, train_model, model, objective, optimizer,
                                  scheduler, train_set, augment, epoch)
             if context.is_main:
-                summary.update(_validate(config, model, data.val, precision, context))
+                summary.update(_validate(config, model, val_set, precision, context))
                 history.append(summary)
                 metrics.write(summary)
                 save_checkpoint(run_dir / CHECKPOINT_NAME, {
@@ -199,9 +200,8 @@ def _run_epoch(config, context: DistributedContext, precision, train_model, mode
 
 def _validate(config: PretrainConfig, model, val_set, precision, context) -> dict[str, Any]:
     threat = config.threat if config.eps > 0 else None
-    result = evaluate(model, sample_examples(val_set, config.eval_examples, config.seed), threat,
-                      steps=config.eval_steps, batch_size=256, device=str(context.device), precision=precision,
-                      seed=config.seed)
+    result = evaluate(model, val_set, threat, steps=config.eval_steps, batch_size=256, device=str(context.device),
+                      precision=precision, seed=config.seed)
     out = {"val_clean_acc": result.clean_acc}
     if result.robust_acc is not None:
         out["val_robust_acc"] = result.robust_acc
