@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from robust_transfer.cli import main
@@ -15,7 +16,7 @@ from robust_transfer.models import MLPHead, load_model
 from robust_transfer.models.stages import stages
 from robust_transfer.train import PretrainConfig, pretrain
 from robust_transfer.transfer import transfer
-from robust_transfer.transfer.linear_probe import fit_linear_head
+from robust_transfer.transfer.linear_probe import fit_linear_head, penalised_cross_entropy
 from robust_transfer.transfer.metrics import score
 
 
@@ -176,3 +177,35 @@ def test_mean_per_class_accuracy_weights_classes_equally():
     predictions = torch.tensor([0, 0, 0, 0, 0])
     assert score(predictions, labels, 2, "top1") == pytest.approx(0.8)
     assert score(predictions, labels, 2, "mean_per_class") == pytest.approx(0.5)
+
+
+def test_closed_form_loss_and_gradients_match_autograd():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(64, 7, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    weight = torch.randn(4, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    expected = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * 0.3 * weight.pow(2).sum()
+    expected.backward()
+    onehot_t = F.one_hot(labels, 4).double().T.contiguous()
+    loss, weight_grad, bias_grad = penalised_cross_entropy(weight.detach(), bias.detach(), features,
+                                                           features.T.contiguous(), onehot_t, 0.3)
+    assert torch.allclose(loss, expected.detach())
+    assert torch.allclose(weight_grad, weight.grad) and torch.allclose(bias_grad, bias.grad)
+
+
+def test_linear_probe_reaches_the_penalised_optimum():
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(400, 12, generator=generator)
+    labels = (features[:, :3] + 0.5 * torch.randn(400, 3, generator=generator)).argmax(1)
+    head = fit_linear_head(features[:300], labels[:300], features[300:], labels[300:], 3, penalties=[1e-2],
+                           refit=False, max_iter=500)
+    # The head is returned for raw features; the penalty applies in standardised space, so check optimality
+    # there: the gradient of the penalised loss must vanish.
+    mean, std = features[:300].mean(0), features[:300].std(0)
+    standardised = (features[:300] - mean) / std
+    weight = (head.weight * std).requires_grad_(True)
+    bias = (head.bias + (head.weight * mean).sum(1)).requires_grad_(True)
+    loss = F.cross_entropy(standardised @ weight.T + bias, labels[:300]) + 0.5 * 1e-2 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
