@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from ..runtime import resolve_device
@@ -50,6 +50,31 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, device=resolved)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the gradients too (each process's loss uses the total).
+
+    torch.distributed.nn.functional.all_reduce does the same but is deprecated (a FutureWarning on
+    every run), and the functional collectives that replace it are not differentiable on gloo.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor, group)
+
+
 class CrossProcessBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics span the whole global batch, on any device.
 
@@ -65,15 +90,15 @@ class CrossProcessBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         channels = x.shape[1]
         group = self.group or dist.group.WORLD
-        xf = x.float()
-        count = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
-        sums = dist_fn.all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=group)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least, fp64 stays fp64
+        count = torch.tensor([x.numel() / channels], dtype=xf.dtype, device=x.device)
+        sums = _all_reduce_sum(torch.cat([xf.sum((0, 2, 3)), count]), group)
         total = sums[-1]
         mean = sums[:channels] / total
         # Variance from centred values, not E[x^2] - mean^2: near-constant channels (a stem
         # convolution over flat background) would lose most of their digits to cancellation.
         centred = xf - mean.view(1, channels, 1, 1)
-        var = dist_fn.all_reduce((centred * centred).sum((0, 2, 3)), group=group) / total
+        var = _all_reduce_sum((centred * centred).sum((0, 2, 3)), group) / total
         with torch.no_grad():
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -116,7 +141,12 @@ def wrap_for_training(model: nn.Module, context: DistributedContext) -> nn.Modul
         return model
     convert_batchnorm(model, context.device)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # No buffer broadcast before each forward: every process already updates the running statistics
+    # from the global batch. torch 2.14 renamed the switch (and syncs once at init, which is harmless).
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in parameters
+                      else {"broadcast_buffers": False})
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
 def all_reduce_sum(values: torch.Tensor, context: DistributedContext) -> torch.Tensor:
