@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +160,62 @@ def test_evaluate_of_a_missing_model_names_the_path(tmp_path, capsys):
     missing = tmp_path / "missing.safetensors"
     assert main(["evaluate", str(missing), "--dataset", "digits"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _torchrun(config: dict, out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "robust_transfer", "pretrain", *_cli_args(config), "--out-dir", str(out_dir), *extra]
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores for two processes")
+@pytest.mark.parametrize("method", ["pgd", "free"])
+def test_killed_torchrun_training_resumes_to_the_same_weights(tmp_path, method):
+    # An odd global batch gives the two processes shares of 32 and 31 rows, so their random streams
+    # (PGD random starts) drift apart; free training carries a perturbation per share. Both must be
+    # restored per process for the resumed run to equal the uninterrupted one.
+    config = dict(TINY, method=method, free_replays=2, train_examples=504, batch_size=63, epochs=3,
+                  precision="fp32")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    reference = subprocess.run(_torchrun(config, tmp_path / "reference"), capture_output=True, text=True,
+                               env=env, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    resumed_dir = tmp_path / "resumed"
+    process = subprocess.Popen(_torchrun(config, resumed_dir), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    checkpoint = resumed_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # torchrun starts each worker in a session of its own, and workers outlive a killed agent: kill
+    # them all at once, as a lost machine would.
+    for pid in [*_descendants(process.pid), process.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint(checkpoint)["epoch"] < 3, "the run finished before it could be killed"
+    resumed = subprocess.run(_torchrun(config, resumed_dir, "--resume"), capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = load_model(tmp_path / "reference" / "model.safetensors").state_dict()
+    actual = load_model(resumed_dir / "model.safetensors").state_dict()
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores for two processes")

@@ -26,6 +26,7 @@ from torch import nn
 
 from robust_transfer import RobustTransferError, ThreatModel, atomic, evaluate, load_dataset, rundir
 from robust_transfer.atomic import atomic_write, atomic_write_text
+from robust_transfer.cli import main
 from robust_transfer.evaluation import EvalResult
 from robust_transfer.masking import MaskingMeasurements, judge, masking_checks
 from robust_transfer.models import create_model, load_model
@@ -33,6 +34,7 @@ from robust_transfer.rundir import prepare_output_dir
 from robust_transfer.train import PretrainConfig, loop, pretrain
 from robust_transfer.train.checkpoint import load_checkpoint, save_checkpoint
 from robust_transfer.train.objectives import Objective
+from robust_transfer.transfer import transfer
 from tests.test_data import _write_idx
 from tests.test_pretrain import TINY, _cli_args
 
@@ -261,6 +263,23 @@ def test_pretraining_on_a_full_disk_fails_before_any_work(tmp_path, monkeypatch)
     with pytest.raises(RobustTransferError, match=f"only 1 MiB free on the disk of {tmp_path / 'run'}"):
         pretrain(PretrainConfig(**TINY, method="standard", out_dir=str(tmp_path / "run")))
     assert list((tmp_path / "run").iterdir()) == []  # no checkpoint, no metrics, no probe file left
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, capsys):
+    # As when a resumed run starts while the killed run's torchrun workers still write to the folder.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with rundir.exclusive_run(run_dir):
+        code = main(["pretrain", *_cli_args(dict(TINY, method="standard")), "--out-dir", str(run_dir)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1
+        assert f"another run (pid {os.getpid()}) is writing to {run_dir}" in err
+        with pytest.raises(RobustTransferError, match="another run .* is writing to"):
+            transfer(source=str(tmp_path / "unused.safetensors"), dataset="digits", out_dir=str(run_dir))
+    assert not (run_dir / "checkpoint.pt").exists()
+    # Released with its holder: the folder can be used again.
+    with rundir.exclusive_run(run_dir):
+        pass
 
 
 # ---------------------------------------------------------------- atomic writes

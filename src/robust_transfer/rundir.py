@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RobustTransferError
@@ -36,6 +39,42 @@ def prepare_output_dir(path: str | Path, min_free_bytes: int | None = None) -> P
             f"only {_mib(free)} free on the disk of {path} and this run needs at least {_mib(needed)}: "
             "free some space or choose another output folder")
     return path
+
+
+LOCK_NAME = ".run.lock"
+
+
+@contextlib.contextmanager
+def exclusive_run(path: str | Path) -> Iterator[None]:
+    """Hold ``path`` for one run at a time: a second run into it fails at once, naming the first.
+
+    Two runs writing one folder (a resumed run started while the killed one's processes still
+    live, for instance torchrun workers that outlive their agent) would mix their checkpoints.
+    The lock is the kernel's (flock): a killed run never leaves it held. Where flock is missing
+    (Windows) this does nothing.
+    """
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RobustTransferError(
+                f"another run (pid {holder}) is writing to {path}: wait for it to finish or stop it, "
+                "or choose another output folder") from None
+        try:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _mib(size: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,25 @@ def wrap_for_training(model: nn.Module, context: DistributedContext) -> nn.Modul
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in parameters
                       else {"broadcast_buffers": False})
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+
+
+def gather_to_all(value: Any, context: DistributedContext) -> list[Any]:
+    """Every process's ``value`` (picklable, on the CPU), in rank order; ``[value]`` when running alone."""
+    if not context.active:
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def seed_process(seed: int, context: DistributedContext) -> None:
+    """Give each process its own random stream (attack random starts), rank 0 the 1-process one.
+
+    With one seed everywhere, the random start of row i of rank 0's share would equal that of row i
+    of every other rank's share.
+    """
+    if context.rank:
+        torch.manual_seed(seed * 1_000_003 + context.rank)
 
 
 def all_reduce_sum(values: torch.Tensor, context: DistributedContext) -> torch.Tensor:

@@ -19,11 +19,18 @@ from ..data import load_dataset, make_batches, sample_examples
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import create_model, save_model
-from ..rundir import prepare_output_dir
+from ..rundir import exclusive_run, prepare_output_dir
 from ..runtime import prepare_batch, prepare_model, resolve_precision, tune_malloc
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import PretrainConfig
-from .distributed import DistributedContext, all_reduce_sum, init_distributed, wrap_for_training
+from .distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    gather_to_all,
+    init_distributed,
+    seed_process,
+    wrap_for_training,
+)
 from .metrics import MetricsLog
 from .objectives import make_objective
 from .schedule import lr_multiplier
@@ -47,8 +54,7 @@ class PretrainResult:
 
 
 def _check_run_dir(run_dir: Path, config: PretrainConfig) -> None:
-    """Fail before any work when the output folder is unusable or would be overwritten."""
-    prepare_output_dir(run_dir)
+    """Fail before any work when the output folder would be overwritten."""
     if (run_dir / CHECKPOINT_NAME).exists() and not config.resume:
         raise RobustTransferError(
             f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
@@ -80,8 +86,16 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
     tune_malloc()
     context = init_distributed(config.device)
-    precision = resolve_precision(config.precision, context.device)
     run_dir = Path(config.out_dir)
+    if not context.is_main:
+        return _pretrain(config, context, run_dir)
+    prepare_output_dir(run_dir)
+    with exclusive_run(run_dir):  # rank 0 holds the folder for the whole run
+        return _pretrain(config, context, run_dir)
+
+
+def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path) -> PretrainResult:
+    precision = resolve_precision(config.precision, context.device)
     if context.is_main:
         _check_run_dir(run_dir, config)
     context.barrier()
@@ -113,11 +127,14 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        objective.load_state_dict(state.get("objective", {}))
-        restore_rng_state(state["rng"])
+        own = _own_state(state, context)
+        objective.load_state_dict(own.get("objective", {}))
+        restore_rng_state(own["rng"])
         start_epoch, history = state["epoch"], state["history"]
         if context.is_main:
             log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
+    else:
+        seed_process(config.seed, context)
     model = prepare_model(model, context.device, precision)
     train_model = wrap_for_training(model, context)
 
@@ -129,12 +146,17 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
                                  scheduler, train_set, augment, epoch)
             if context.is_main:
                 summary.update(_validate(config, model, val_set, precision, context))
+            # What differs between processes (random streams, free training's perturbation of each
+            # share) is saved for every rank, so a resumed torchrun run continues each one exactly.
+            # After validation: its data loader draws from rank 0's random stream.
+            ranks = gather_to_all({"objective": objective.state_dict(), "rng": rng_state()}, context)
+            if context.is_main:
                 history.append(summary)
                 metrics.write(summary)
                 save_checkpoint(run_dir / CHECKPOINT_NAME, {
                     "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "objective": objective.state_dict(), "rng": rng_state(), "history": history,
+                    **ranks[0], "ranks": ranks, "history": history,
                 })
                 log.info(_describe(summary, config.epochs))
             context.barrier()
@@ -156,6 +178,22 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
         }, indent=2))
     context.barrier()
     return PretrainResult(run_dir, run_dir / MODEL_NAME, test, history, time.perf_counter() - started)
+
+
+def _own_state(state: dict[str, Any], context: DistributedContext) -> dict[str, Any]:
+    """This process's random stream and objective state from a checkpoint.
+
+    Checkpoints from before per-rank states, or from a run with another number of processes, give
+    every process rank 0's: the run continues, but not exactly as it would have.
+    """
+    ranks = state.get("ranks") or []
+    if len(ranks) == context.world_size:
+        return ranks[context.rank]
+    if context.is_main and context.active:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: every process continues "
+                    "from rank 0's random state, so the result will differ slightly from an uninterrupted run",
+                    max(len(ranks), 1), context.world_size)
+    return {"objective": state.get("objective", {}), "rng": state["rng"]}
 
 
 def _run_epoch(config, context: DistributedContext, precision, train_model, model, objective, optimizer,

@@ -25,7 +25,7 @@ from ..evaluation import evaluate
 from ..models import load_model, save_model
 from ..models.stages import num_stages, replace_head
 from ..models.surgery import classifier_head
-from ..rundir import prepare_output_dir
+from ..rundir import exclusive_run, prepare_output_dir
 from ..runtime import resolve_device, resolve_precision, tune_malloc
 from ..threat import ThreatModel
 from .config import EXECUTION_FIELDS, TransferConfig
@@ -79,10 +79,16 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     """
     config = dataclasses.replace(config, **overrides) if config else TransferConfig(**overrides)
     started = time.perf_counter()
-    tune_malloc()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     out_dir = prepare_output_dir(config.out_dir)
+    with exclusive_run(out_dir):  # one run at a time in a folder
+        return _transfer(config, out_dir, device, precision, started)
+
+
+def _transfer(config: TransferConfig, out_dir: Path, device: torch.device, precision: str,
+              started: float) -> TransferResult:
+    tune_malloc()
     checkpoints = out_dir / CHECKPOINT_DIR
     for folder in (out_dir, checkpoints):  # leftovers of writes killed mid-way
         remove_stale_temporaries(folder)
