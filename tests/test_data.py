@@ -166,6 +166,29 @@ def _folder_dataset(root: Path, splits=("train", "test")) -> None:
                 _save(root / split / label / f"{i}.jpg", Image.fromarray(pixels))
 
 
+def test_each_file_is_decoded_once_train_and_held_out_shares_each_their_own_way(tmp_path, monkeypatch):
+    from robust_transfer.data import folder
+
+    _folder_dataset(tmp_path)
+    decoded: list[tuple[str, bool]] = []
+    original = folder.decode_image
+
+    def counting(path, size, channels, held_out=False):
+        decoded.append((str(path.relative_to(tmp_path)), held_out))
+        return original(path, size, channels, held_out)
+
+    monkeypatch.setattr(folder, "decode_image", counting)
+    data = load_dataset("imagefolder", tmp_path, image_size=16, val_fraction=0.25)
+    files = [name for name, _ in decoded]
+    assert sorted(files) == sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jpg"))  # each once
+    held_out = {name for name, was_held_out in decoded if was_held_out}
+    assert len(data.train) == 6 and len(data.val) == 2 and len(data.test) == 8
+    # Validation (2 of train's files) and test the paper's test way, the 6 kept for training the train way.
+    assert len([name for name in held_out if name.startswith("train/")]) == 2
+    assert len([name for name in held_out if name.startswith("test/")]) == 8
+    assert len(decoded) - len(held_out) == 6
+
+
 def test_image_folder_converts_every_mode_and_skips_bad_files(tmp_path, caplog):
     _folder_dataset(tmp_path)
     odd = tmp_path / "train" / "cat"
@@ -372,7 +395,7 @@ def test_lazy_folder_names_a_file_that_does_not_decode(tmp_path, monkeypatch):
     _folder_dataset(tmp_path)
     (tmp_path / "train" / "cat" / "0.jpg").write_text("not a jpeg")
     monkeypatch.setattr(folder, "IN_MEMORY_LIMIT_BYTES", 0)
-    data = folder.load_image_folder(tmp_path, 8, 3)[0]
+    data = folder.load_image_folder(tmp_path, 8, 3)[0].decode()
     with pytest.raises(RobustTransferError, match=r"0\.jpg"):
         data[0]
 

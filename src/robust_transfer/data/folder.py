@@ -3,7 +3,9 @@
 Every image is converted to RGB (or gray), whatever its mode (RGBA, palette, CMYK, 16-bit);
 undecodable files are skipped and counted in a warning. Small folders are decoded once into
 memory; large ones are decoded item by item. Validation and test images are decoded with the
-paper's test transform straight from the files (see `decode_image`).
+paper's test transform straight from the files (see `decode_image`). Each file is decoded once:
+train comes back as `TrainFiles`, decoded by `load_dataset` after it has taken out (and decoded
+the held-out way) the validation share.
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ class _FromFiles:
 
     def decode_held_out(self, indices: torch.Tensor) -> Dataset:
         """The examples at ``indices`` decoded again from their files, as held-out images."""
+        if not len(indices):  # a share too small to hold anything out
+            return InMemoryDataset(torch.empty((0, self.channels, self.size, self.size), dtype=torch.uint8),
+                                   torch.empty(0, dtype=torch.long), self.class_names)
         return load_split([self.paths[i] for i in indices.tolist()], self.labels[indices].tolist(), self.class_names,
                           self.size, self.channels, "held-out share", held_out=True)
 
@@ -162,6 +167,31 @@ class FolderDataset(_FromFiles, Dataset):
         return image.float().div_(255), int(self.labels[index])
 
 
+class TrainFiles(_FromFiles):
+    """A train split's files, not yet decoded: `load_dataset` first takes out the share it holds out for
+    validation (or test), which `decode_held_out` decodes the held-out way, then `decode`s the rest. Each
+    file is decoded once, not once as train and again as held out."""
+
+    def __init__(self, paths: list[Path], labels: list[int] | torch.Tensor, class_names: list[str], size: int,
+                 channels: int, description: str) -> None:
+        self.paths, self.class_names = paths, class_names
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.size, self.channels, self.held_out, self.description = size, channels, False, description
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: torch.Tensor) -> TrainFiles:
+        """The files at ``indices``, still not decoded."""
+        return TrainFiles([self.paths[i] for i in indices.tolist()], self.labels[indices], self.class_names,
+                          self.size, self.channels, self.description)
+
+    def decode(self) -> Dataset:
+        """The images, decoded as `load_split` decodes a train split."""
+        return load_split(self.paths, self.labels.tolist(), self.class_names, self.size, self.channels,
+                          self.description)
+
+
 def load_split(paths: list[Path], labels: list[int], class_names: list[str], size: int, channels: int,
                description: str, held_out: bool = False) -> Dataset:
     """Decode a split into memory when it fits, skipping (and counting) files that do not decode; ``held_out``
@@ -190,8 +220,8 @@ def load_split(paths: list[Path], labels: list[int], class_names: list[str], siz
                          held_out)
 
 
-def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Dataset | None, Dataset]:
-    """(train, val or None, test) of an image-folder dataset at ``root``."""
+def load_image_folder(root: Path, size: int, channels: int) -> tuple[TrainFiles, Dataset | None, Dataset]:
+    """(train files, val or None, test) of an image-folder dataset at ``root``; train is decoded by `load_dataset`."""
     layout = "root/train/<class>/<images> plus root/val/<class>/... and/or root/test/<class>/..."
     if not (root / "train").is_dir():
         found = sorted(p.name for p in root.iterdir())[:8] if root.is_dir() else "the folder does not exist"
@@ -201,7 +231,7 @@ def load_image_folder(root: Path, size: int, channels: int) -> tuple[Dataset, Da
     if not held_out:
         raise RobustTransferError(f"{root} has train/ but neither val/ nor test/: expected {layout}")
     paths, labels, class_names = scan_split(root / "train", None)
-    train = load_split(paths, labels, class_names, size, channels, f"{root.name}/train")
+    train = TrainFiles(paths, labels, class_names, size, channels, f"{root.name}/train")  # decoded by load_dataset
     splits = {}
     for name in held_out:
         split_paths, split_labels, _ = scan_split(root / name, class_names)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from ..errors import RobustTransferError
 from .augment import center_crop, eval_resize_size
 from .cifar import load_cifar
-from .folder import load_image_folder
+from .folder import TrainFiles, load_image_folder
 from .memory import InMemoryDataset
 from .sources import (
     FASHION_MNIST_CLASSES,
@@ -115,7 +115,7 @@ def list_datasets() -> list[str]:
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
-    if isinstance(dataset, InMemoryDataset):
+    if isinstance(dataset, (InMemoryDataset, TrainFiles)):
         return dataset.subset(indices)
     subset = Subset(dataset, indices.tolist())
     subset.labels = dataset.labels[indices]
@@ -185,7 +185,7 @@ def _held_out_share(train: Dataset, indices: torch.Tensor) -> Dataset:
     """Examples held out of train for validation or test; a split decoded from files decodes them again with the
     test transform, straight from the files (not resampled from the train decode)."""
     decode = getattr(train, "decode_held_out", None)
-    return decode(indices) if decode is not None and len(indices) else _subset(train, indices)
+    return decode(indices) if decode is not None else _subset(train, indices)
 
 
 def _adapt(split: Dataset, image_size: int | None, in_channels: int | None, name: str, held_out: bool,
@@ -246,6 +246,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
     if val is None:
         kept, held = stratified_split(train.labels, val_fraction, seed + 1)
         train, val = _subset(train, kept), _held_out_share(train, held)
+    if isinstance(train, TrainFiles):  # decoded only now: the held-out shares above were decoded the held-out way
+        train = train.decode()
     train, val, test = (_adapt(split, image_size, in_channels, name, held_out, entry.decodes_at_size)
                         for split, held_out in ((train, False), (val, True), (test, True)))
     sample = train[0][0]

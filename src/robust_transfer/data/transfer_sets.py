@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import RobustTransferError
 from . import registry
 from . import sets_official as official
-from .folder import load_image_folder, load_split
+from .folder import TrainFiles, load_image_folder, load_split
 from .registry import DEFAULT_FOLDER_SIZE, DatasetEntry, LoadRequest, register_dataset
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,10 @@ def _load_official(name: str, layout: Layout, base: Path, size: int, channels: i
         listed = {"train": _present(name, "train", files.train, base), "test": _present(name, "test", files.test, base)}
     except RobustTransferError as error:
         raise RobustTransferError(f"{name}: {error} (official layout: {layout.describe})") from None
-    decoded = {split: load_split([path for path, _ in items], [label for _, label in items], files.class_names, size,
-                                 channels, f"{name}/{split}", held_out=split == "test")
-               for split, items in listed.items()}
-    return decoded["train"], None, decoded["test"]
+    paths, labels = ({split: [item[i] for item in items] for split, items in listed.items()} for i in (0, 1))
+    train = TrainFiles(paths["train"], labels["train"], files.class_names, size, channels, f"{name}/train")
+    test = load_split(paths["test"], labels["test"], files.class_names, size, channels, f"{name}/test", held_out=True)
+    return train, None, test  # train is decoded by load_dataset, once it has held out validation
 
 
 def load_transfer_set(name: str, request: LoadRequest) -> tuple:
