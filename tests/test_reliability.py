@@ -262,7 +262,19 @@ def test_pretraining_on_a_full_disk_fails_before_any_work(tmp_path, monkeypatch)
     monkeypatch.setattr(loop, "_run_epoch", no_work)
     with pytest.raises(RobustTransferError, match=f"only 1 MiB free on the disk of {tmp_path / 'run'}"):
         pretrain(PretrainConfig(**TINY, method="standard", out_dir=str(tmp_path / "run")))
-    assert list((tmp_path / "run").iterdir()) == []  # no checkpoint, no metrics, no probe file left
+    assert not (tmp_path / "run").exists()  # nothing left, not even the folder it created
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "runs" / "first"
+    assert main(["pretrain", "--dataset", "no-such-set", "--out-dir", str(out)]) == 2
+    assert main(["transfer", str(tmp_path / "missing.safetensors"), "--dataset", "digits", "--out-dir", str(out)]) == 2
+    assert "no-such-set" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # the folders these runs created went with them
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    assert main(["pretrain", "--dataset", "no-such-set", "--out-dir", str(kept)]) == 2
+    assert kept.is_dir()  # a folder that was there before stays
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, capsys):

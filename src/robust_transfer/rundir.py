@@ -77,5 +77,31 @@ def exclusive_run(path: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def run_folder(path: str | Path, min_free_bytes: int | None = None) -> Iterator[Path]:
+    """`prepare_output_dir` and `exclusive_run` for the length of a run, yielding the folder.
+
+    A run that fails before writing anything (an unknown dataset, a missing model file) takes the
+    folders it created with it, rather than leaving an empty run folder that looks like a run.
+    """
+    path = Path(path)
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]
+    try:
+        prepare_output_dir(path, min_free_bytes)
+        with exclusive_run(path):
+            yield path
+    except BaseException:
+        _remove_if_untouched(path, created)
+        raise
+
+
+def _remove_if_untouched(path: Path, created: list[Path]) -> None:
+    with contextlib.suppress(OSError):
+        if created and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+            (path / LOCK_NAME).unlink(missing_ok=True)
+            for folder in created:  # deepest first; stops at the first that holds something
+                folder.rmdir()
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"

@@ -19,7 +19,7 @@ from ..data import load_dataset, make_batches, sample_examples
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import create_model, save_model
-from ..rundir import exclusive_run, prepare_output_dir
+from ..rundir import run_folder
 from ..runtime import prepare_batch, prepare_model, resolve_precision, tune_malloc
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import PretrainConfig
@@ -89,8 +89,7 @@ def pretrain(config: PretrainConfig | None = None, **overrides: Any) -> Pretrain
     run_dir = Path(config.out_dir)
     if not context.is_main:
         return _pretrain(config, context, run_dir)
-    prepare_output_dir(run_dir)
-    with exclusive_run(run_dir):  # rank 0 holds the folder for the whole run
+    with run_folder(run_dir):  # rank 0 holds the folder for the whole run
         return _pretrain(config, context, run_dir)
 
 

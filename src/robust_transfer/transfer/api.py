@@ -25,7 +25,7 @@ from ..evaluation import evaluate
 from ..models import load_model, save_model
 from ..models.stages import num_stages, replace_head
 from ..models.surgery import classifier_head
-from ..rundir import exclusive_run, prepare_output_dir
+from ..rundir import run_folder
 from ..runtime import resolve_device, resolve_precision, tune_malloc
 from ..threat import ThreatModel
 from .config import EXECUTION_FIELDS, TransferConfig
@@ -81,8 +81,7 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     started = time.perf_counter()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    out_dir = prepare_output_dir(config.out_dir)
-    with exclusive_run(out_dir):  # one run at a time in a folder
+    with run_folder(config.out_dir) as out_dir:  # one run at a time in a folder
         return _transfer(config, out_dir, device, precision, started)
 
 
