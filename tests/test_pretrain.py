@@ -98,21 +98,28 @@ def test_free_training_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def check_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, value: float,
+                                                            message: str) -> None:
+    """The loss turns ``value`` from the 6th step (epoch 2, batch 2): one clear error, epoch 1's checkpoint kept."""
     calls = {"n": 0}
     original = Objective.loss
 
     def poisoned(self, model, attack_model, x, y):
         loss, logits = original(self, model, attack_model, x, y)
         calls["n"] += 1
-        return (loss * float("nan"), logits) if calls["n"] > 5 else (loss, logits)
+        return (loss * value, logits) if calls["n"] > 5 else (loss, logits)
 
     monkeypatch.setattr(Objective, "loss", poisoned)
-    with pytest.raises(RobustTransferError, match=r"nan at epoch 2, batch 2 of 4.*epoch 1.*intact"):
+    with pytest.raises(RobustTransferError, match=message):
         pretrain(PretrainConfig(**dict(TINY, epochs=2, method="standard"), out_dir=str(tmp_path)))
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    check_a_non_finite_loss_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, float("nan"), r"nan at epoch 2, batch 2 of 4.*epoch 1.*intact")
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):

@@ -33,10 +33,9 @@ from robust_transfer.models import create_model, load_model
 from robust_transfer.rundir import prepare_output_dir
 from robust_transfer.train import PretrainConfig, loop, pretrain
 from robust_transfer.train.checkpoint import load_checkpoint, save_checkpoint
-from robust_transfer.train.objectives import Objective
 from robust_transfer.transfer import transfer
 from tests.test_data import _write_idx
-from tests.test_pretrain import TINY, _cli_args
+from tests.test_pretrain import TINY, _cli_args, check_a_non_finite_loss_keeps_the_last_good_checkpoint
 
 # ---------------------------------------------------------------- gradient masking
 
@@ -189,20 +188,8 @@ def test_a_corrupt_or_torn_checkpoint_is_refused_on_resume_naming_it(tmp_path):
 
 
 def test_an_infinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = Objective.loss
-
-    def poisoned(self, model, attack_model, x, y):
-        loss, logits = original(self, model, attack_model, x, y)
-        calls["n"] += 1
-        return (loss * float("inf"), logits) if calls["n"] > 5 else (loss, logits)
-
-    monkeypatch.setattr(Objective, "loss", poisoned)
-    with pytest.raises(RobustTransferError, match=r"loss became inf at epoch 2, batch 2 of 4.*epoch 1.*intact"):
-        pretrain(PretrainConfig(**dict(TINY, epochs=2, method="standard"), out_dir=str(tmp_path)))
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    check_a_non_finite_loss_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, float("inf"), r"loss became inf at epoch 2, batch 2 of 4.*epoch 1.*intact")
 
 
 # ---------------------------------------------------------------- output folders and disks

@@ -57,23 +57,25 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[IO[str] | None]:
     """Hold an exclusive advisory lock on ``path`` (created if needed) between processes.
 
-    The kernel drops the lock when its holder dies, so a killed process never leaves it held.
-    A no-op where fcntl is missing (Windows).
+    Yields the lock file, open for reading and appending. With ``wait=False`` a lock held
+    elsewhere raises BlockingIOError at once instead of waiting. The kernel drops the lock when
+    its holder dies, so a killed process never leaves it held. A no-op yielding None where
+    fcntl is missing (Windows).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield None
         return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
-            yield
+            yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

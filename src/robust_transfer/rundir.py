@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from .atomic import file_lock
 from .errors import RobustTransferError
 
 MIN_FREE_BYTES = 200 * 2**20
@@ -50,31 +51,22 @@ def exclusive_run(path: str | Path) -> Iterator[None]:
 
     Two runs writing one folder (a resumed run started while the killed one's processes still
     live, for instance torchrun workers that outlive their agent) would mix their checkpoints.
-    The lock is the kernel's (flock): a killed run never leaves it held. Where flock is missing
-    (Windows) this does nothing.
+    The lock is the kernel's (`file_lock`): a killed run never leaves it held.
     """
     path = Path(path)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path / LOCK_NAME, "a+") as handle:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = held.enter_context(file_lock(path / LOCK_NAME, wait=False))
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = (path / LOCK_NAME).read_text().strip() or "unknown"
             raise RobustTransferError(
                 f"another run (pid {holder}) is writing to {path}: wait for it to finish or stop it, "
                 "or choose another output folder") from None
-        try:
+        if handle is not None:  # who holds it, for the message a second run gets
             handle.truncate(0)
             handle.write(str(os.getpid()))
             handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 @contextlib.contextmanager

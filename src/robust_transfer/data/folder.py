@@ -167,23 +167,19 @@ class FolderDataset(_FromFiles, Dataset):
         return image.float().div_(255), int(self.labels[index])
 
 
-class TrainFiles(_FromFiles):
+class TrainFiles(FolderDataset):
     """A train split's files, not yet decoded: `load_dataset` first takes out the share it holds out for
     validation (or test), which `decode_held_out` decodes the held-out way, then `decode`s the rest. Each
     file is decoded once, not once as train and again as held out."""
 
-    def __init__(self, paths: list[Path], labels: list[int] | torch.Tensor, class_names: list[str], size: int,
+    def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], size: int,
                  channels: int, description: str) -> None:
-        self.paths, self.class_names = paths, class_names
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.size, self.channels, self.held_out, self.description = size, channels, False, description
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        super().__init__(paths, labels, class_names, size, channels)
+        self.description = description
 
     def subset(self, indices: torch.Tensor) -> TrainFiles:
         """The files at ``indices``, still not decoded."""
-        return TrainFiles([self.paths[i] for i in indices.tolist()], self.labels[indices], self.class_names,
+        return TrainFiles([self.paths[i] for i in indices.tolist()], self.labels[indices].tolist(), self.class_names,
                           self.size, self.channels, self.description)
 
     def decode(self) -> Dataset:

@@ -56,20 +56,33 @@ def penalised_cross_entropy(weight: torch.Tensor, bias: torch.Tensor, features: 
     return loss, torch.addmm(weight, probabilities, features, beta=penalty), probabilities.sum(1)
 
 
-def _fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, penalty: float,
-         init: tuple[torch.Tensor, torch.Tensor] | None, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = features.shape[1]
-    features_t = features.T.contiguous()
-    onehot_t = F.one_hot(labels, num_classes).to(features.dtype).T.contiguous()
-    weight = init[0].clone() if init else torch.zeros(num_classes, dims, dtype=features.dtype)
-    bias = init[1].clone() if init else torch.zeros(num_classes, dtype=features.dtype)
+@dataclass
+class _Problem:
+    """One fitting problem in the layout `penalised_cross_entropy` wants, built once for every penalty."""
+
+    features: torch.Tensor
+    features_t: torch.Tensor
+    onehot_t: torch.Tensor
+
+    @classmethod
+    def of(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> _Problem:
+        onehot_t = F.one_hot(labels, num_classes).to(features.dtype).T.contiguous()
+        return cls(features, features.T.contiguous(), onehot_t)
+
+
+def _fit(problem: _Problem, penalty: float, init: tuple[torch.Tensor, torch.Tensor] | None,
+         max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    classes, dims = problem.onehot_t.shape[0], problem.features.shape[1]
+    dtype = problem.features.dtype
+    weight = init[0].clone() if init else torch.zeros(classes, dims, dtype=dtype)
+    bias = init[1].clone() if init else torch.zeros(classes, dtype=dtype)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         # L-BFGS reads .grad: set it from the closed form instead of running backward.
-        loss, weight.grad, bias.grad = penalised_cross_entropy(weight, bias, features, features_t, onehot_t,
-                                                               penalty)
+        loss, weight.grad, bias.grad = penalised_cross_entropy(weight, bias, problem.features, problem.features_t,
+                                                               problem.onehot_t, penalty)
         return loss
 
     optimizer.step(closure)
@@ -94,8 +107,9 @@ def fit_linear_head(train_features: torch.Tensor, train_labels: torch.Tensor, va
     scores: dict[float, float] = {}
     best: tuple[float, float, tuple[torch.Tensor, torch.Tensor]] | None = None
     init = None
+    train_problem = _Problem.of(train_x, train_labels, num_classes)
     for penalty in sorted(penalties, reverse=True):
-        init = _fit(train_x, train_labels, num_classes, penalty, init, max_iter)
+        init = _fit(train_problem, penalty, init, max_iter)
         with torch.no_grad():
             predictions = (val_x @ init[0].T + init[1]).argmax(1)
         scores[penalty] = score(predictions, val_labels, num_classes, metric)
@@ -107,7 +121,7 @@ def fit_linear_head(train_features: torch.Tensor, train_labels: torch.Tensor, va
     if refit:
         all_x = torch.cat([train_x, val_x])
         all_y = torch.cat([train_labels, val_labels])
-        weight, bias = _fit(all_x, all_y, num_classes, penalty, (weight, bias), max_iter)
+        weight, bias = _fit(_Problem.of(all_x, all_y, num_classes), penalty, (weight, bias), max_iter)
     # Fold the standardisation into the head: W((f - m) / s) + b = (W / s) f + (b - W m / s).
     raw_weight = weight / std
     raw_bias = bias - (weight * (mean / std)).sum(1)
