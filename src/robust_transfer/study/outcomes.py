@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,6 @@ class SourceOutcome:
     robust_acc: float | None     # under the study's threat model
     threat: str | None
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -42,13 +39,6 @@ class TransferOutcome:
     robust_acc: float | None     # robust accuracy after transfer, None when not measured
     robust_threat: str | None
     seconds: float
-
-    @property
-    def robust_source(self) -> bool:
-        return self.eps > 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _threat_of(record_source: dict) -> tuple[str | None, float]:

@@ -16,12 +16,9 @@ from typing import Any
 from ..errors import RobustTransferError
 from ..models.checkpoint import sha256_file, weights_path
 from ..train import PretrainConfig
+from ..train.loop import MODEL_NAME
 from ..transfer import TransferConfig
-from ..transfer.config import EXECUTION_FIELDS as TRANSFER_EXECUTION_FIELDS
 from .spec import Source, StudySpec, grid_points, transfer_settings
-
-KINDS = ("pretrain", "evaluate", "transfer")
-MODEL_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -103,9 +100,10 @@ def _file_digest(source: Source, spec: StudySpec) -> str:
 
 def _transfer_run(spec, source, identity, model, dependency, target, mode, point, seed, out) -> Run:
     settings = transfer_settings(spec, mode, point)
-    config = TransferConfig(source=model, dataset=target.dataset, data_root=target.data_root, seed=seed,
-                            **settings).to_dict()
-    computed = {k: v for k, v in config.items() if k not in TRANSFER_EXECUTION_FIELDS and k != "source"}
+    transfer_config = TransferConfig(source=model, dataset=target.dataset, data_root=target.data_root, seed=seed,
+                                     **settings)
+    config = transfer_config.to_dict()
+    computed = {k: v for k, v in transfer_config.recipe().items() if k != "source"}  # the source is keyed by content
     key = run_key({"kind": "transfer", "source": identity, "config": computed})
     target_label = target.label or target.dataset
     config.update(out_dir=str(out / "transfer" / f"{source.label}-{target_label}-{key[:8]}"),

@@ -47,10 +47,11 @@ def study_status(store: Store) -> StudyStatus:
     eta = None
     if durations:
         overall = statistics.mean(s for values in durations.values() for s in values)
+        means = {kind: statistics.mean(values) for kind, values in durations.items()}
         now = time.time()
         total = 0.0
         for row in left:
-            expected = statistics.mean(durations.get(_kind_of(row), [overall]))
+            expected = means.get(_kind_of(row), overall)
             if row.status == "running" and row.started:
                 expected = max(0.0, expected - (now - row.started))
             total += expected

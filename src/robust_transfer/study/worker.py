@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .execute import describe_error, execute_run
@@ -55,41 +54,32 @@ class Heartbeat:
         self._store.close()
 
 
-@dataclass
-class WorkSummary:
-    done: int = 0
-    failed: int = 0
-    lost: int = 0  # finished after another worker had taken the run over; not recorded
-
-
-def work(store_path: str | Path, lease_s: float | None = None, wait_for_others: bool = True,
-         only: list[str] | None = None,
+def work(store_path: str | Path, lease_s: float | None = None, only: list[str] | None = None,
          on_start: Callable[[Claim], None] | None = None,
-         on_finish: Callable[[Claim, str], None] | None = None) -> WorkSummary:
+         on_finish: Callable[[Claim, str], None] | None = None) -> None:
     """Execute runs from the store at ``store_path`` until none is left to start.
 
-    ``only`` restricts the worker to those run keys (a retry of chosen runs). With ``wait_for_others``,
-    a worker that finds only runs waiting on a dependency another worker is still running waits for
-    it rather than stopping.
+    ``only`` restricts the worker to those run keys (a retry of chosen runs). Otherwise a worker
+    that finds only runs waiting on a dependency another worker is still running waits for it
+    rather than stopping. ``on_finish`` gets each claim's outcome: done, failed or lost (finished
+    after another worker had taken the run over; not recorded).
     """
     store = Store(store_path, **({"lease_s": lease_s} if lease_s else {}))
     heartbeat = Heartbeat(Path(store_path), store.lease_s)
     owner, host, pid = worker_identity()
-    summary = WorkSummary()
     try:
         while True:
             claim = store.claim(owner, host, pid, only=only)
             if claim is None:
-                if wait_for_others and not only and store.runnable_left():
+                if not only and store.runnable_left():
                     time.sleep(IDLE_POLL_S)
                     continue
-                return summary
+                return
             heartbeat.add(claim.token)
             if on_start:
                 on_start(claim)
             outcome = _execute_and_record(store, claim)
             heartbeat.discard(claim.token)
-            setattr(summary, outcome, getattr(summary, outcome) + 1)
             if on_finish:
                 on_finish(claim, outcome)
     finally:
