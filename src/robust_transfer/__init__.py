@@ -31,6 +31,9 @@ _EXPORTS = {
     "pretrain": "train",
     "PretrainConfig": "train",
     "PretrainResult": "train",
+    "transfer": "transfer",
+    "TransferConfig": "transfer",
+    "TransferResult": "transfer",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -43,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import create_model, list_architectures, load_model, save_model, with_normalization  # noqa: F401
     from .threat import ThreatModel  # noqa: F401
     from .train import PretrainConfig, PretrainResult, pretrain  # noqa: F401
+    from .transfer import TransferConfig, TransferResult, transfer  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

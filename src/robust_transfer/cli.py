@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import RobustTransferError
+from .zoo_cli import add_arch_option_argument, add_zoo_parser
 
 PRETRAIN_HELP = {
     "dataset": "training data: fashion-mnist, animal-mnist, mnist-5k, digits, cifar10, cifar100, idx, imagefolder",
-    "arch": "architecture (small_resnet for 28 px, cifar_resnet18/50 for 32 px, resnet50, ...)",
+    "arch": "architecture: small_resnet (28 px), cifar_resnet18/50 (32 px), resnet50, ..., timm:NAME for any timm "
+            "architecture, or package.module:function for your own builder",
     "out_dir": "run folder: checkpoint.pt, metrics.jsonl, tensorboard/, model.safetensors, results.json",
     "data_root": "folder holding the dataset (default: where the dataset is installed)",
     "method": "standard, pgd (PGD-AT), fgsm-rs (fast AT) or free (minibatch replay)",
@@ -63,6 +65,7 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
             if name in ("data_root", "augment"):
                 kind = str
             parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+    add_arch_option_argument(parser)
     parser.add_argument("--no-random-start", dest="random_start", action="store_false",
                         help="start PGD training attacks at the clean input")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
@@ -70,9 +73,10 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .parsing import parse_eps
+    from .parsing import parse_eps, parse_options
     from .train import PretrainConfig, pretrain
 
+    args.arch_options = parse_options(args.arch_options)
     values = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
     if values.get("attack_step_size") is not None:
         values["attack_step_size"] = parse_eps(values["attack_step_size"])
@@ -95,10 +99,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset, sample_examples
     from .evaluation import evaluate
     from .models import load_model
-    from .parsing import parse_eps
+    from .parsing import parse_eps, parse_options
     from .threat import ThreatModel
 
-    model = load_model(args.model)
+    model = load_model(args.model, args.arch, options=parse_options(args.arch_options))
     spec = model.spec
     data = load_dataset(args.dataset, args.data_root, seed=args.seed, in_channels=spec.in_channels)
     if data.num_classes != spec.num_classes:
@@ -122,7 +126,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="the source model: a model file written by pretrain (model.safetensors)")
+    parser.add_argument("model", help="the source model: a model file written by pretrain (model.safetensors), "
+                                      "another tool's checkpoint, or a zoo name")
+    parser.add_argument("--arch", dest="source_arch", default=None,
+                        help="the source's architecture when its file does not name it (e.g. timm:convnext_base)")
+    add_arch_option_argument(parser)
     parser.add_argument("--dataset", required=True, help="target dataset name (as for pretrain; imagefolder for "
                                                           "any train/ + val|test/ folder)")
     parser.add_argument("--mode", default="fixed", help="fixed (new last layer on frozen features), full "
@@ -166,11 +174,13 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_transfer(args: argparse.Namespace) -> int:
+    from .parsing import parse_options
     from .transfer import TransferConfig, transfer
     from .transfer.linear_probe import DEFAULT_PENALTIES
 
     config = TransferConfig(
-        source=args.model, dataset=args.dataset, mode=args.mode, protocol=args.protocol, out_dir=args.out_dir,
+        source=args.model, source_arch=args.source_arch, source_options=parse_options(args.arch_options),
+        dataset=args.dataset, mode=args.mode, protocol=args.protocol, out_dir=args.out_dir,
         data_root=args.data_root, penalties=list(args.penalties or DEFAULT_PENALTIES), epochs=args.epochs,
         lrs=list(args.lrs), batch_size=args.batch_size, weight_decay=args.weight_decay, refit=args.refit,
         hidden=list(args.hidden), train_frozen_batchnorm=args.train_frozen_batchnorm, image_size=args.image_size,
@@ -215,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="clean and robust accuracy of a model",
                                    description="Clean accuracy and accuracy under a PGD attack.")
-    evaluate.add_argument("model", help="a model file written by pretrain (model.safetensors)")
+    evaluate.add_argument("model", help="a model file written by pretrain (model.safetensors), another tool's "
+                                        "checkpoint, or a zoo name")
+    evaluate.add_argument("--arch", default=None, help="the architecture of a checkpoint that does not name it "
+                                                        "(e.g. timm:convnext_base)")
+    add_arch_option_argument(evaluate)
     evaluate.add_argument("--dataset", required=True, help="dataset name, as for pretrain")
     evaluate.add_argument("--data-root", default=None, help="folder holding the dataset")
     evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
@@ -245,8 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_transfer_arguments(transfer)
     transfer.set_defaults(run=_run_transfer)
-
-    from .zoo_cli import add_zoo_parser
 
     add_zoo_parser(commands)
 

@@ -3,81 +3,17 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .attack import eval_mode, pgd
-from .errors import RobustTransferError
-from .runtime import autocast, prepare_batch, resolve_device, resolve_precision
+from .accuracy import EvalData, EvalResult, accuracy
+from .masking import DEFAULT_EXAMPLES, masking_checks
+from .runtime import resolve_device, resolve_precision
 from .threat import ThreatModel
 
 log = logging.getLogger(__name__)
 
-EvalData = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class EvalResult:
-    """Accuracies in [0, 1]; ``robust_acc`` is None when no threat model was given.
-
-    An example counts as robust only if it is classified correctly both clean and attacked,
-    so ``robust_acc <= clean_acc`` always. ``warnings`` holds the gradient-masking warnings of
-    ``evaluate(..., masking_check=True)`` (see :mod:`robust_transfer.masking`); empty otherwise.
-    """
-
-    clean_acc: float
-    robust_acc: float | None
-    n: int
-    threat: str | None
-    steps: int
-    restarts: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _batches(data: EvalData, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if len(x) != len(y):
-            raise RobustTransferError(f"images and labels differ in length: {len(x)} vs {len(y)}")
-        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
-    if isinstance(data, DataLoader):
-        return data
-    if isinstance(data, Dataset):
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
-    raise RobustTransferError(
-        f"cannot evaluate on a {type(data).__name__}: give a DataLoader, a Dataset or an (images, labels) pair"
-    )
-
-
-def _check_labels(y: torch.Tensor, classes: int, offset: int) -> None:
-    """Labels must index the model's outputs, or the attack's loss fails with an obscure torch error."""
-    bad = (y < 0) | (y >= classes)
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        raise RobustTransferError(
-            f"label {int(y[index])} of example {offset + index} is outside 0..{classes - 1}, the classes this model "
-            "predicts: evaluate the model on the data it was trained for, or transfer it to this data first")
-
-
-def _limited(batches: Iterable, max_examples: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    seen = 0
-    for x, y in batches:
-        if max_examples is not None:
-            if seen >= max_examples:
-                return
-            x, y = x[: max_examples - seen], y[: max_examples - seen]
-        seen += len(x)
-        yield x, y
+__all__ = ["EvalData", "EvalResult", "evaluate"]
 
 
 def evaluate(
@@ -107,54 +43,17 @@ def evaluate(
     256 examples); their warnings go to ``EvalResult.warnings`` and to the log.
     """
     torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
     param = next(model.parameters(), None)
     if param is not None and param.device != torch_device:
         model = model.to(torch_device)
-
-    correct_clean = correct_robust = total = 0
-    started = time.perf_counter()
-    batches = _limited(_batches(data, batch_size), max_examples)
-    bar = tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
-    for x, y in bar:
-        x = prepare_batch(x.float(), torch_device, precision)
-        y = y.to(torch_device).long()
-        with autocast(precision, torch_device):
-            with eval_mode(model), torch.no_grad():
-                logits = model(x)
-            _check_labels(y, logits.shape[1], total)
-            clean_pred = logits.argmax(dim=1)
-            clean_ok = clean_pred == y
-            correct_clean += int(clean_ok.sum())
-            if threat is not None:
-                x_adv = pgd(model, x, y, threat, steps=steps, step_size=step_size,
-                            random_start=random_start, restarts=restarts, generator=generator)
-                with eval_mode(model), torch.no_grad():
-                    adv_ok = model(x_adv).argmax(dim=1) == y
-                correct_robust += int((clean_ok & adv_ok).sum())
-        total += len(y)
-        bar.set_postfix(clean=f"{correct_clean / total:.3f}",
-                        robust=f"{correct_robust / total:.3f}" if threat else "-")
-    if total == 0:
-        raise RobustTransferError("nothing to evaluate: the data has no examples")
-    seconds = time.perf_counter() - started  # the checks below are extra work, not part of this evaluation
-    warnings: list[str] = []
+    result = accuracy(model, data, threat, steps=steps, step_size=step_size, restarts=restarts,
+                      batch_size=batch_size, random_start=random_start, device=str(torch_device),
+                      precision=precision, max_examples=max_examples, progress=progress, seed=seed)
     if masking_check and threat is not None and threat.eps > 0:
-        from .masking import DEFAULT_EXAMPLES, masking_checks
-
-        warnings = masking_checks(model, data, threat, steps=steps, step_size=step_size, restarts=restarts,
-                                  random_start=random_start, batch_size=batch_size, device=str(torch_device),
-                                  precision=precision, max_examples=min(DEFAULT_EXAMPLES, total), seed=seed)
-        for warning in warnings:
+        result.warnings = masking_checks(
+            model, data, threat, steps=steps, step_size=step_size, restarts=restarts, random_start=random_start,
+            batch_size=batch_size, device=str(torch_device), precision=resolve_precision(precision, torch_device),
+            max_examples=min(DEFAULT_EXAMPLES, result.n), seed=seed)
+        for warning in result.warnings:
             log.warning(warning)
-    return EvalResult(
-        clean_acc=correct_clean / total,
-        robust_acc=(correct_robust / total) if threat is not None else None,
-        n=total,
-        threat=str(threat) if threat is not None else None,
-        steps=steps if threat is not None else 0,
-        restarts=restarts if threat is not None else 0,
-        seconds=seconds,
-        warnings=warnings,
-    )
+    return result

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .accuracy import accuracy, eval_batches, limited
 from .attack import eval_mode, per_example_cross_entropy
 from .data import sample_examples
 from .errors import RobustTransferError
@@ -120,10 +121,8 @@ def judge(m: MaskingMeasurements, threat: ThreatModel) -> list[str]:
 
 
 def _subset(data, max_examples: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .evaluation import _batches, _limited
-
     xs, ys = [], []
-    for x, y in _limited(_batches(data, batch_size), max_examples):
+    for x, y in limited(eval_batches(data, batch_size), max_examples):
         xs.append(x.detach().cpu())
         ys.append(torch.as_tensor(y).detach().cpu())
     if not xs:
@@ -170,8 +169,6 @@ def measure(
     more_steps: bool = True,
 ) -> MaskingMeasurements:
     """Run the extra attacks on ``max_examples`` examples of ``data`` (a seeded sample of a Dataset)."""
-    from .evaluation import evaluate
-
     if threat.eps <= 0:
         raise RobustTransferError("the gradient-masking checks need a threat model with eps > 0")
     if isinstance(data, Dataset):  # a random sample: many datasets store their examples class by class
@@ -183,12 +180,12 @@ def measure(
         model = model.to(torch_device)
 
     def acc(eps: float, n_steps: int = steps, size: float | None = step_size, start: bool = random_start) -> float:
-        result = evaluate(model, (x, y), ThreatModel(threat.norm, eps), steps=n_steps, step_size=size,
+        result = accuracy(model, (x, y), ThreatModel(threat.norm, eps), steps=n_steps, step_size=size,
                           restarts=restarts, batch_size=batch_size, random_start=start, device=str(torch_device),
                           precision=precision, seed=seed)
         return result.robust_acc
 
-    clean = evaluate(model, (x, y), batch_size=batch_size, device=str(torch_device), precision=precision).clean_acc
+    clean = accuracy(model, (x, y), batch_size=batch_size, device=str(torch_device), precision=precision).clean_acc
     # A fixed step size is scaled with eps, so every ball gets the same relative attack.
     scaled = (lambda factor: None if step_size is None else step_size * factor)
     by_eps = {threat.eps / 2: acc(threat.eps / 2, size=scaled(0.5)), threat.eps: acc(threat.eps),

@@ -1,9 +1,11 @@
-"""Safe parsing of user numbers such as eps = "8/255" (never through eval)."""
+"""Safe parsing of user numbers such as eps = "8/255" and of NAME=VALUE options (never through eval)."""
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
+from typing import Any
 
 from .errors import RobustTransferError
 
@@ -29,3 +31,20 @@ def parse_eps(value: float | int | str) -> float:
     if not math.isfinite(eps) or eps < 0:
         raise RobustTransferError(f"eps must be a finite number >= 0, got {value!r}")
     return eps
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """Architecture options from the command line: ``["img_size=32", "patch_size=4"]`` -> ``{"img_size": 32, ...}``.
+
+    Each value is read as JSON (numbers, true/false, lists, quoted strings), else kept as a plain string.
+    """
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise RobustTransferError(f"cannot read option {item!r}: write NAME=VALUE, e.g. img_size=32")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    return options

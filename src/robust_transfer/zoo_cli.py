@@ -26,9 +26,9 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    header = ("NAME", "ARCH", "THREAT", "TOP-1", "LOCAL")
+    header = ("NAME", "ARCH", "THREAT", "TOP-1", "ROBUST", "LOCAL")
     table = [header] + [
-        (r["name"], str(r["arch"]), r["threat"], _fmt_top1(r["clean_top1"]),
+        (r["name"], str(r["arch"]), r["threat"], _fmt_top1(r["clean_top1"]), _fmt_top1(r.get("robust_top1")),
          r["status"] + ("" if r["paper_model"] else " (yours)"))
         for r in rows
     ]
@@ -37,7 +37,8 @@ def run_list(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     present = sum(r["status"] != "absent" for r in rows)
     print(f"\n{present} of {len(rows)} present in {model_directory(args.model_dir)}. TOP-1: clean ImageNet "
-          "accuracy as reported by the paper. 'released file': the .ckpt is in place (loads as is; zoo import "
+          "accuracy as published; ROBUST: robust accuracy as published (AutoAttack for RobustBench and ARES "
+          "models, under the listed threat). 'released file': the .ckpt is in place (loads as is; zoo import "
           "converts it); 'absent': zoo show NAME says which file to place where.")
     return 0
 
@@ -65,11 +66,19 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_arch_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--arch-option NAME=VALUE`` (repeatable): keyword arguments of a timm architecture or a builder."""
+    parser.add_argument("--arch-option", dest="arch_options", action="append", default=[], metavar="NAME=VALUE",
+                        help="keyword argument of a timm architecture or builder, repeatable (e.g. img_size=32 "
+                             "patch_size=4 for a ViT on 32 px images)")
+
+
 def run_import(args: argparse.Namespace) -> int:
+    from .parsing import parse_options
     from .zoo import import_model
 
     record = import_model(args.file, args.name, model_dir=args.model_dir, arch=args.arch, mean=args.mean,
-                          std=args.std, force=args.force)
+                          std=args.std, force=args.force, options=parse_options(args.arch_options))
     inferred = " (inferred from the weights' names and shapes)" if record["arch_inferred"] else ""
     print(f"imported {record['name']}: {record['arch']}{inferred}, {record['num_classes']} classes, "
           f"from {record['source_format']} file {args.file}")
@@ -81,7 +90,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .models.checkpoint import load_model
+    from .models import load_model
     from .models.export import export_model
 
     model = load_model(args.name, model_dir=args.model_dir)
@@ -126,6 +135,7 @@ def add_zoo_parser(subparsers: Any) -> argparse.ArgumentParser:
     importing.add_argument("--mean", type=float, nargs="+", default=None,
                            help="normalisation mean a plain state dict expects (default: the architecture's)")
     importing.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (with --mean)")
+    add_arch_option_argument(importing)
     importing.add_argument("--force", action="store_true", help="replace a model already registered as NAME")
     importing.set_defaults(run=run_import)
 

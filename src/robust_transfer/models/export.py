@@ -22,10 +22,11 @@ from torch import nn
 
 from ..atomic import atomic_open, atomic_write_text
 from ..errors import RobustTransferError
-from .checkpoint import FORMAT, _unwrap, sha256_file
-from .legacy import EXPORT_FORMAT, TIMM_NAMES, TIMM_SAME_KEYS, timm_key_map, timm_module, timm_reference
+from .foreign.timm_names import TIMM_NAMES, timm_key_map, timm_reference
+from .model_file import EXPORT_FORMAT, FORMAT, sha256_file, unwrap
 from .normalization import NormalizedModel
 from .registry import CUSTOM
+from .timm_arch import PREFIX, is_timm
 
 EXPORT_FORMATS = ("torchvision", "safetensors", "timm")
 _CARRIED = ("threat", "source_data", "input_size", "accuracies", "zoo")
@@ -48,6 +49,8 @@ def to_timm_state(model: NormalizedModel) -> tuple[str, dict[str, torch.Tensor],
     on the meta device (no weights, nothing downloaded) and loads the state dict strictly.
     """
     spec = model.spec
+    if is_timm(spec.arch):  # already timm's own layers and names
+        return spec.arch[len(PREFIX):], dict(_plain_state(model)), True
     if spec.arch not in TIMM_NAMES:
         raise RobustTransferError(
             f"timm has no architecture matching {spec.arch!r}; export with --format torchvision or safetensors "
@@ -57,10 +60,6 @@ def to_timm_state(model: NormalizedModel) -> tuple[str, dict[str, torch.Tensor],
     state = _plain_state(model)
     mapping = timm_key_map(spec.arch, num_classes, spec.in_channels)
     converted = {timm_key: state[tv_key].reshape(shape).contiguous() for tv_key, timm_key, shape in mapping}
-    if timm_module() is None:
-        if spec.arch in TIMM_SAME_KEYS:
-            return TIMM_NAMES[spec.arch], converted, False
-        timm_reference(spec.arch, num_classes, spec.in_channels)  # raises: install timm
     reference = timm_reference(spec.arch, num_classes, spec.in_channels)
     try:
         reference.load_state_dict(converted, strict=True, assign=True)
@@ -108,7 +107,7 @@ def export_model(
     class count, input channels, the mean/std the images must be normalised with, the file's
     SHA-256 and the model's threat model and accuracies when known.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, NormalizedModel):
         raise RobustTransferError(
             f"export needs a model with its normalisation in front (load_model or create_model), got "

@@ -1,13 +1,22 @@
 """The architecture registry (one place) and the constructors `create_model` and `with_normalization`.
 
-Every architecture is built with torchvision's definitions or torchvision's blocks, so state-dict
-names match torchvision's (and the robustness library's, after its prefixes are stripped).
+An architecture is named in one of three ways:
+
+- a registered name (`ARCHITECTURES`): the paper's networks and small ones, built with torchvision's
+  definitions or blocks, so state-dict names match torchvision's (and the robustness library's, after
+  its prefixes are stripped);
+- ``"timm:NAME"``: any architecture timm knows (`robust_transfer.models.timm_arch`);
+- ``"package.module:function"``: a user's own builder (`robust_transfer.models.builders`).
+
+Each is rebuilt from `ModelSpec` alone, which is what makes a saved model reloadable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision.models as tvm
@@ -15,10 +24,13 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from ..errors import RobustTransferError
+from . import timm_arch
+from .builders import build_from, class_reference, is_builder
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, Normalize, NormalizedModel
 from .small import CifarResNet, SmallResNet, cifar_resnet18, cifar_resnet50, small_resnet
-from .spec import ModelSpec, Stats, check_positive_int, resolve_stats
+from .spec import ModelSpec, Stats, check_options, check_positive_int, resolve_stats
 from .stages import replace_head
+from .state import misfit
 from .surgery import classifier_head, first_conv, replace_first_conv
 
 CUSTOM = "custom"
@@ -86,7 +98,7 @@ ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in _ENTRIE
 
 
 def list_architectures() -> list[str]:
-    """Names accepted by `create_model`, in registry order."""
+    """Registered names accepted by `create_model`, in registry order (``timm:NAME`` and builders come on top)."""
     return list(ARCHITECTURES)
 
 
@@ -96,15 +108,59 @@ def get_architecture(arch: str) -> Architecture:
         return ARCHITECTURES[arch]
     except (KeyError, TypeError):
         raise RobustTransferError(
-            f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}"
+            f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}, or timm:NAME for any timm "
+            "architecture, or package.module:function for your own builder"
         ) from None
 
 
-def default_stats(arch: str | None, in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Default (mean, std): ImageNet's for a torchvision architecture on 3 channels, else 0.5 per channel."""
+def check_arch(arch: str) -> str:
+    """``arch`` if it names a buildable architecture (registered, a timm name timm knows, or a builder)."""
+    if timm_arch.is_timm(arch):
+        timm_arch.timm_name(arch)
+    elif not is_builder(arch):
+        get_architecture(arch)
+    return arch
+
+
+def default_stats(
+    arch: str | None, in_channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Default (mean, std): ImageNet's for a torchvision architecture on 3 channels, timm's declared statistics
+    for a timm architecture, else 0.5 per channel."""
     if arch in ARCHITECTURES and ARCHITECTURES[arch].imagenet and in_channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
+    if arch is not None and timm_arch.is_timm(arch):
+        return timm_arch.default_stats(arch, in_channels)
     return (0.5,) * in_channels, (0.5,) * in_channels
+
+
+def build_classifier(
+    arch: str, num_classes: int, in_channels: int, options: Mapping[str, Any] | None = None,
+    head_hidden: Sequence[int] = (),
+) -> nn.Module:
+    """The bare classifier (no normalisation) for ``arch``, freshly initialised; nothing is downloaded.
+
+    A builder's model is given a new stem or head when its own do not take ``in_channels`` or predict
+    ``num_classes``; ``head_hidden`` widths replace the head with an `MLPHead`.
+    """
+    options = check_options(options)
+    if timm_arch.is_timm(arch):
+        model = timm_arch.build_timm(arch, num_classes, in_channels, options)
+    elif is_builder(arch):
+        model = build_from(arch, options)
+        if first_conv(model)[1].in_channels != in_channels:
+            replace_first_conv(model, in_channels)
+        if classifier_head(model)[1].out_features != num_classes:
+            replace_head(model, num_classes)
+    else:
+        if options:
+            raise RobustTransferError(
+                f"{arch} takes no architecture options (got {', '.join(options)}); they are for timm:NAME and builders"
+            )
+        model = get_architecture(arch).build(num_classes, in_channels)
+    if head_hidden:
+        replace_head(model, num_classes, hidden=head_hidden)
+    return model
 
 
 def create_model(
@@ -114,19 +170,28 @@ def create_model(
     mean: Stats | None = None,
     std: Stats | None = None,
     head_hidden: Sequence[int] = (),
+    image_size: int | None = None,
+    **options: Any,
 ) -> NormalizedModel:
     """Build a freshly initialised ``arch`` (no weights are downloaded) with normalisation in front.
 
-    ``mean`` / ``std`` default to ImageNet's statistics for torchvision architectures on
-    3-channel input and to 0.5 per channel otherwise; a single number is used for every channel.
-    ``head_hidden`` widths replace the architecture's head with an `MLPHead` (Linear, ReLU, ...,
-    Linear), the head transfer builds with hidden layers. The model takes [0, 1] images, NCHW,
-    with ``in_channels`` channels. Building under ``torch.device("meta")`` gives a weightless
-    model (for shapes and parameter counts).
+    ``arch`` is a registered name (`list_architectures`), ``"timm:NAME"`` for any timm architecture
+    (``options`` go to ``timm.create_model``, e.g. ``img_size=32, patch_size=4``), or
+    ``"package.module:function"``, a builder of your own that returns the bare classifier (called with
+    ``options``). ``mean`` / ``std`` default to ImageNet's statistics for torchvision architectures on
+    3-channel input, to timm's declared statistics for timm architectures, and to 0.5 per channel
+    otherwise; a single number is used for every channel. ``image_size`` (pixels) sets ``img_size`` for
+    timm architectures with a fixed input size (ViT, Swin, XCiT) when it differs from their default.
+    ``head_hidden`` widths replace the architecture's head with an `MLPHead` (Linear, ReLU, ..., Linear),
+    the head transfer builds with hidden layers. The model takes [0, 1] images, NCHW, with
+    ``in_channels`` channels. Building under ``torch.device("meta")`` gives a weightless model.
     """
-    entry = get_architecture(arch)
+    check_arch(arch)
     num_classes = check_positive_int(num_classes, "num_classes")
     in_channels = check_positive_int(in_channels, "in_channels")
+    if timm_arch.is_timm(arch):
+        options = timm_arch.size_options(arch, image_size, options)
+    options = check_options(options)
     default_mean, default_std = default_stats(arch, in_channels)
     spec = ModelSpec(
         arch=arch,
@@ -134,29 +199,41 @@ def create_model(
         in_channels=in_channels,
         mean=resolve_stats(mean, in_channels, default_mean, "mean"),
         std=resolve_stats(std, in_channels, default_std, "std"),
+        head_hidden=tuple(head_hidden),
+        options=options,
     )
-    model = NormalizedModel(entry.build(num_classes, in_channels), Normalize(spec.mean, spec.std), spec)
-    if head_hidden:
-        replace_head(model, num_classes, hidden=head_hidden)
-    return model
+    return NormalizedModel(build_classifier(arch, num_classes, in_channels, options, spec.head_hidden),
+                           Normalize(spec.mean, spec.std), spec)
 
 
-def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def rebuild(spec: ModelSpec) -> NormalizedModel:
+    """A freshly initialised model of the architecture ``spec`` describes (weights are loaded by the caller)."""
+    if spec.arch == CUSTOM:
+        raise RobustTransferError("a custom model without a recorded builder cannot be rebuilt")
+    inner = build_classifier(spec.arch, spec.num_classes or 1, spec.in_channels, spec.options, spec.head_hidden)
+    return NormalizedModel(inner, Normalize(spec.mean, spec.std), spec)
 
 
-def _fits(model: nn.Module, arch: str, num_classes: int, in_channels: int) -> bool:
+def _fits(model: nn.Module, arch: str, num_classes: int, in_channels: int,
+          options: Mapping[str, Any] | None = None, head_hidden: Sequence[int] = ()) -> str | None:
+    """None when ``arch`` (with ``options``) rebuilds ``model``'s exact state-dict layout, else what differs."""
     with torch.device("meta"):
-        reference = get_architecture(arch).build(num_classes, in_channels)
-    return _signature(reference) == _signature(model)
+        reference = build_classifier(arch, num_classes, in_channels, options, head_hidden)
+    return misfit(reference.state_dict(), model.state_dict())
 
 
 def _recognise(model: nn.Module, num_classes: int | None, in_channels: int) -> str:
     if num_classes is None:
         return CUSTOM
     for entry in _ENTRIES:
-        if type(model) is entry.cls and _fits(model, entry.name, num_classes, in_channels):
+        if type(model) is entry.cls and _fits(model, entry.name, num_classes, in_channels) is None:
             return entry.name
+    declared = getattr(model, "pretrained_cfg", None)  # timm models carry the name they were built under
+    name = declared.get("architecture") if isinstance(declared, Mapping) else None
+    if isinstance(name, str) and timm_arch.timm.is_model(name):
+        arch = timm_arch.PREFIX + name
+        if _fits(model, arch, num_classes, in_channels) is None:
+            return arch
     return CUSTOM
 
 
@@ -165,12 +242,16 @@ def with_normalization(
     mean: Stats,
     std: Stats,
     arch: str | None = None,
+    builder: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> NormalizedModel:
     """Put a `Normalize` layer in front of a classifier that expects normalised inputs.
 
-    The result takes [0, 1] images. ``spec.arch`` is the registered architecture whose
-    definition ``model`` matches (same class, state-dict names and shapes), so `load_model` can
-    rebuild it, or ``"custom"`` otherwise; pass ``arch`` to state it (it is checked). A single
+    The result takes [0, 1] images. ``spec.arch`` says how `load_model` rebuilds it: the registered
+    architecture whose definition ``model`` matches (same class, state-dict names and shapes), the timm
+    architecture it was built as (default options), ``builder`` (``"package.module:function"``, called
+    with ``options``, checked to rebuild this exact layout), or ``"custom"`` otherwise (it saves, but
+    reloading needs a builder: see `save_model`). Pass ``arch`` to state it (it is checked). A single
     number for ``mean`` / ``std`` is used for every input channel.
     """
     if isinstance(model, NormalizedModel):
@@ -187,13 +268,18 @@ def with_normalization(
         num_classes: int | None = classifier_head(model)[1].out_features
     except RobustTransferError:
         num_classes = None
+    options = check_options(options)
+    if builder is not None:
+        arch = CUSTOM  # recorded below, once checked to rebuild this layout
     if arch is None:
         arch = _recognise(model, num_classes, in_channels)
     elif arch != CUSTOM:
-        get_architecture(arch)
-        if num_classes is None or not _fits(model, arch, num_classes, in_channels):
+        check_arch(arch)
+        problems = "it has no nn.Linear head" if num_classes is None else _fits(
+            model, arch, num_classes, in_channels, options)
+        if problems:
             raise RobustTransferError(
-                f"the model does not match architecture {arch!r} (different layers or shapes); "
+                f"the model does not match architecture {arch!r} ({problems}); "
                 f"leave arch out to record it as {CUSTOM!r}"
             )
     spec = ModelSpec(
@@ -202,5 +288,59 @@ def with_normalization(
         in_channels=in_channels,
         mean=resolve_stats(mean, in_channels, 0.5, "mean"),
         std=resolve_stats(std, in_channels, 0.5, "std"),
+        options=options if arch != CUSTOM else {},
     )
-    return NormalizedModel(model, Normalize(spec.mean, spec.std), spec)
+    wrapped = NormalizedModel(model, Normalize(spec.mean, spec.std), spec)
+    return wrapped if builder is None else with_builder(wrapped, builder, options)
+
+
+def with_builder(model: NormalizedModel, builder: str, options: Mapping[str, Any] | None = None) -> NormalizedModel:
+    """Record ``builder`` (``"package.module:function"``) as the way to rebuild ``model``, after checking that it
+    builds this exact layout (head and stem adapted to the spec's classes and channels); returns ``model``."""
+    options = check_options(options)
+    spec = model.spec
+    if spec.num_classes is None:
+        raise RobustTransferError("a model without an nn.Linear head cannot be rebuilt by a builder")
+    problems = _fits(model.model, builder, spec.num_classes, spec.in_channels, options, spec.head_hidden)
+    if problems:
+        raise RobustTransferError(
+            f"builder {builder!r} builds a model whose weights do not fit {class_reference(model.model)} ({problems}); "
+            "give the builder's keyword arguments (options=...) or point at the function that built this model"
+        )
+    model.spec = dataclasses.replace(spec, arch=builder, options=options)
+    return model
+
+
+def resolve_normalization(
+    carried: tuple[Sequence[float], Sequence[float]] | None,
+    mean: Stats | None,
+    std: Stats | None,
+    arch: str,
+    in_channels: int,
+    source: str,
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, where from): statistics a file carries, else the user's, else the architecture's default.
+
+    Statistics given by the user must agree with those the file carries: a mismatch is an error,
+    since it means one of them would normalise the images a second time or not at all.
+    """
+    if carried is not None:
+        file_mean = resolve_stats(carried[0], in_channels, 0.5, "mean")
+        file_std = resolve_stats(carried[1], in_channels, 0.5, "std")
+        for given, found, what in ((mean, file_mean, "mean"), (std, file_std, "std")):
+            if given is not None and not _close(resolve_stats(given, in_channels, 0.5, what), found):
+                raise RobustTransferError(
+                    f"{source} carries its own normalisation ({what} {list(found)}), which differs from the "
+                    f"{what} you gave ({given}); leave mean/std out to use the file's"
+                )
+        return file_mean, file_std, "file"
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise RobustTransferError("give both mean and std (one value per channel), or neither")
+        return resolve_stats(mean, in_channels, 0.5, "mean"), resolve_stats(std, in_channels, 0.5, "std"), "given"
+    default_mean, default_std = default_stats(arch, in_channels)
+    return default_mean, default_std, "default"
+
+
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))

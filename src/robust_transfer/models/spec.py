@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import RobustTransferError
@@ -40,6 +41,20 @@ def resolve_stats(
     return out
 
 
+def check_options(options: Any) -> dict[str, Any]:
+    """Constructor keyword arguments as a JSON-ready dict of name -> value, or a clear error."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in options):
+        raise RobustTransferError(f"architecture options must map argument names to values, got {options!r}")
+    try:
+        return json.loads(json.dumps(dict(options)))
+    except (TypeError, ValueError):
+        raise RobustTransferError(
+            f"architecture options must be JSON values (numbers, strings, lists), got {options!r}"
+        ) from None
+
+
 def check_positive_int(value: Any, what: str) -> int:
     """Return ``value`` as an int >= 1 or raise a `RobustTransferError` naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -50,12 +65,14 @@ def check_positive_int(value: Any, what: str) -> int:
 @dataclass(frozen=True)
 class ModelSpec:
     """What a saved model needs to be rebuilt:
-    ``create_model(arch, num_classes, in_channels, mean, std, head_hidden=head_hidden)``.
+    ``create_model(arch, num_classes, in_channels, mean, std, head_hidden=head_hidden, **options)``.
 
-    ``arch`` is a registered architecture name or ``"custom"`` (a model we cannot rebuild by name);
-    ``num_classes`` is None for a custom model without a final Linear layer. ``head_hidden`` holds
-    the hidden widths of an MLP head put in by transfer (``replace_head(..., hidden=...)``); empty
-    for the architecture's own single Linear head.
+    ``arch`` is a registered architecture name, ``"timm:NAME"`` (any timm architecture), an importable
+    builder ``"package.module:function"`` (a user's own model), or ``"custom"`` (a model that cannot
+    be rebuilt: no builder was recorded). ``options`` are the keyword arguments of the architecture's
+    constructor (timm's ``img_size``, a builder's own arguments), JSON values. ``num_classes`` is None
+    for a custom model without a final Linear layer. ``head_hidden`` holds the hidden widths of an MLP
+    head put in by transfer (``replace_head(..., hidden=...)``); empty for the architecture's own head.
     """
 
     arch: str
@@ -64,9 +81,11 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     head_hidden: tuple[int, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists); ``head_hidden`` only when non-empty, as older files lack it."""
+        """A JSON-ready dict (tuples become lists); ``head_hidden`` and ``options`` only when non-empty, as older
+        files lack them."""
         out: dict[str, Any] = {
             "arch": self.arch,
             "num_classes": self.num_classes,
@@ -76,6 +95,8 @@ class ModelSpec:
         }
         if self.head_hidden:
             out["head_hidden"] = list(self.head_hidden)
+        if self.options:
+            out["options"] = dict(self.options)
         return out
 
     @classmethod
@@ -101,5 +122,8 @@ class ModelSpec:
         if not isinstance(hidden, Sequence) or isinstance(hidden, str):
             raise RobustTransferError(f"model spec 'head_hidden' must be a list of widths, got {hidden!r}")
         head_hidden = tuple(check_positive_int(width, "a hidden head width") for width in hidden)
+        options = data.get("options", {})
+        if not isinstance(options, Mapping):
+            raise RobustTransferError(f"model spec 'options' must be a JSON object, got {options!r}")
         return cls(arch=arch, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                   head_hidden=head_hidden)
+                   head_hidden=head_hidden, options=dict(options))

@@ -49,6 +49,17 @@ VGG16-bn has five resolutions; its first two blocks (pool1 and pool2 ends) are m
 its stages end at stride 4, 8, 16 and 32 like every other architecture. fc6 and fc7 are not
 a stage of their own: they belong to stage 4, so ``k = 4`` still means "everything but the head".
 
+timm models declare their stages when they are built (``feature_info``: the modules whose outputs are
+feature maps, with their stride), so nothing is probed for them. A stage ends at the last declared
+module of each stride; an isotropic model, whose declared blocks all share one stride (ViT, DeiT,
+XCiT), is cut into four equal groups of blocks; more than four strides merge the leading ones, as
+above. Everything registered before the first boundary (patch embedding, class token, position
+embedding, stem) joins stage 1, everything after the last (final norms, the pooling head's norm)
+joins the last stage, so ``k = num_stages`` still freezes everything but the classifier. A user's
+module that declares ``feature_info`` the same way is read the same way. For example ConvNeXt:
+``1: stem stages.0 | 2: stages.1 | 3: stages.2 | 4: stages.3 head.norm``; ViT-Tiny:
+``1: cls_token pos_embed patch_embed blocks.0-2 | 2: blocks.3-5 | 3: blocks.6-8 | 4: blocks.9-11 norm``.
+
 Any other classifier (a user's model) falls back to its top-level children, in registration
 order, one stage per child with parameters or buffers (the child holding the head is opened so
 the head itself stays out). Parameters and buffers held directly by the classifier (say a class
@@ -285,6 +296,54 @@ def _parameters(inner: nn.Module, names: Sequence[str]) -> Iterator[nn.Parameter
             yield target
 
 
+def declared_boundaries(inner: nn.Module) -> list[str]:
+    """The modules that end each stage, from the model's own ``feature_info`` (timm's declaration); empty
+    when the model declares none."""
+    info = getattr(inner, "feature_info", None)
+    if not isinstance(info, list) or not info or not all(isinstance(i, dict) and "module" in i for i in info):
+        return []
+    names = set(dict(inner.named_modules()))
+    entries = [(str(i["module"]), i.get("reduction")) for i in info if str(i["module"]) in names]
+    if not entries:
+        return []
+    ends = [name for index, (name, reduction) in enumerate(entries)
+            if index + 1 == len(entries) or entries[index + 1][1] != reduction]
+    if len(ends) == 1:  # isotropic (ViT, DeiT, XCiT): equal groups of blocks
+        count = min(MAX_STAGES, len(entries))
+        ends = [entries[round((i + 1) * len(entries) / count) - 1][0] for i in range(count)]
+    return ends[-MAX_STAGES:]  # more strides than stages: the leading ones merge
+
+
+def _walk(module: nn.Module, opened: set[str], prefix: str = "") -> list[str]:
+    """Tensors held directly, then children in registration order; ``opened`` names are expanded."""
+    out = _own_tensors(module, prefix)
+    for name, child in module.named_children():
+        full = prefix + name
+        out += _walk(child, opened, full + ".") if full in opened else [full]
+    return out
+
+
+def _declared_stages(inner: nn.Module, head: str, ends: list[str]) -> list[list[str]]:
+    def ancestors(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+    opened = {a for name in [*ends, head] if name for a in ancestors(name)}
+    table: list[list[str]] = [[]]
+    remaining = list(ends)
+    for block in _walk(inner, opened):
+        if block == head:
+            continue
+        target = _lookup(inner, block)
+        if isinstance(target, torch.Tensor) or _has_state(target):
+            table[-1].append(block)
+        if remaining and block == remaining[0]:
+            remaining.pop(0)
+            if remaining:
+                table.append([])
+    return [stage for stage in table if stage]
+
+
 def stages(model: nn.Module) -> list[list[str]]:
     """The ordered stages of ``model`` (a `NormalizedModel` or a bare classifier).
 
@@ -298,6 +357,9 @@ def stages(model: nn.Module) -> list[list[str]]:
         head = head_name(inner)
     except RobustTransferError:  # no Linear layer: a backbone without a head
         head = ""
+    ends = declared_boundaries(inner)
+    if ends:
+        return _declared_stages(inner, head, ends)
     opened = _family(inner)
     if opened is None:  # a model we do not know: its top-level children, one stage each
         table: list[list[str]] = []

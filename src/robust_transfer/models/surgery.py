@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from ..errors import RobustTransferError
@@ -63,9 +65,19 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
     For a `NormalizedModel` the name is relative to the inner classifier (``model.model``), e.g.
     ``"fc"`` for ResNets, ``"classifier"`` for DenseNet, ``"classifier.1"`` for MobileNet-v2 and
     MNASNet, ``"classifier.6"`` for VGG. "Final" means last in registration order, which is the
-    output layer for every registered architecture.
+    output layer for every registered architecture; timm models name theirs (``pretrained_cfg["classifier"]``:
+    ``"head"`` for ViT, ``"head.fc"`` for ConvNeXt and Swin), and that name is used while it is a Linear.
     """
     inner = _inner(model)
+    declared = getattr(inner, "pretrained_cfg", None)  # timm declares its classifier's name
+    name = declared.get("classifier") if isinstance(declared, Mapping) else None
+    if isinstance(name, str):
+        try:
+            module = inner.get_submodule(name)
+        except AttributeError:
+            module = None
+        if isinstance(module, nn.Linear):
+            return name, module
     last: tuple[str, nn.Linear] | None = None
     for name, module in inner.named_modules():
         if isinstance(module, nn.Linear):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RobustTransferError
-from ..models.checkpoint import sha256_file, weights_path
+from ..models.model_file import sha256_file, weights_path
 from ..train import PretrainConfig
 from ..train.loop import MODEL_NAME
 from ..transfer import TransferConfig

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import RobustTransferError
+from ..models.registry import check_arch
+from ..models.spec import check_options
 from ..parsing import parse_eps
 from ..runtime import PRECISIONS
 from ..threat import ThreatModel
@@ -22,6 +24,7 @@ class PretrainConfig:
 
     dataset: str = "fashion-mnist"
     arch: str = "small_resnet"
+    arch_options: dict = field(default_factory=dict)  # keyword arguments of a timm architecture or builder
     out_dir: str = "runs/pretrain"
     data_root: str | None = None
     method: str = "pgd"
@@ -56,6 +59,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         self.eps = parse_eps(self.eps)
+        self.arch_options = check_options(self.arch_options)
+        check_arch(self.arch)
         ThreatModel(self.norm, self.eps)  # validates the norm
         if self.method not in METHODS:
             raise RobustTransferError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
@@ -83,8 +88,10 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     def recipe(self) -> dict:
-        """The fields that determine the result (what a resumed run must agree on)."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        """The fields that determine the result (what a resumed run must agree on); ``arch_options`` only when
+        set, so runs recorded before it existed keep their identity."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in EXECUTION_FIELDS and not (k == "arch_options" and not v)}
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:

@@ -108,7 +108,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     val_set = sample_examples(data.val, config.eval_examples, config.seed)  # the same sample every epoch
     augment = config.augment or data.default_augment
     model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                         mean=data.mean, std=data.std)
+                         mean=data.mean, std=data.std, image_size=data.image_size, **config.arch_options)
     objective = make_objective(config.method, config.threat, config.attack_steps, config.attack_step_size,
                                config.random_start, config.free_replays, config.label_smoothing)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

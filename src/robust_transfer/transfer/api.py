@@ -22,13 +22,15 @@ from ..data import InMemoryDataset, load_dataset, sample_examples
 from ..data.augment import EVAL_TRANSFORM
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
-from ..models import load_model, save_model
+from ..models import NormalizedModel, load_model, save_model
+from ..models.model_file import unwrap
+from ..models.registry import CUSTOM
 from ..models.stages import num_stages, replace_head
 from ..models.surgery import classifier_head
 from ..rundir import run_folder
 from ..runtime import resolve_device, resolve_precision, tune_malloc
 from ..threat import ThreatModel
-from .config import EXECUTION_FIELDS, TransferConfig
+from .config import TransferConfig, recipe_of
 from .features import FeatureCache, extract_features, feature_extractor, model_content_hash
 from .finetune import FinetuneRecipe, finetune
 from .linear_probe import fit_linear_head
@@ -64,8 +66,14 @@ def _concat(first, second):
     return ConcatDataset([first, second])
 
 
-def transfer(config: TransferConfig | None = None, **overrides: Any) -> TransferResult:
-    """Transfer ``config.source`` to ``config.dataset`` and write the model and a JSON record.
+def transfer(config: TransferConfig | None = None, *, model: nn.Module | None = None,
+             **overrides: Any) -> TransferResult:
+    """Transfer ``config.source`` (or ``model``, a source in memory) to ``config.dataset``; write the model and a
+    JSON record.
+
+    ``model`` is any model taking [0, 1] images with its normalisation in front (`create_model`,
+    `with_normalization`, `load_model`); it is copied, never changed. Its transferred model saves like any
+    other, and reloads when its architecture can be rebuilt (registered, ``timm:NAME`` or a recorded builder).
 
     Returns the record: full configuration, the source's identity (content hash and metadata),
     the validation scores behind the chosen penalty or learning rate, the test score (top-1 or
@@ -77,16 +85,34 @@ def transfer(config: TransferConfig | None = None, **overrides: Any) -> Transfer
     are loaded, not retrained, and the result equals that of an uninterrupted run; a finished
     run with the same settings is returned as it is.
     """
+    if model is not None:
+        model = _in_memory_source(model)
+        overrides.setdefault("source", f"<in-memory {model.spec.arch} model>")
     config = dataclasses.replace(config, **overrides) if config else TransferConfig(**overrides)
     started = time.perf_counter()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     with run_folder(config.out_dir) as out_dir:  # one run at a time in a folder
-        return _transfer(config, out_dir, device, precision, started)
+        return _transfer(config, out_dir, device, precision, started, model)
+
+
+def _in_memory_source(model: nn.Module) -> NormalizedModel:
+    """A CPU copy in eval mode of a user's source model, checked to carry its normalisation."""
+    model = unwrap(model)
+    if not isinstance(model, NormalizedModel):
+        raise RobustTransferError(
+            f"the source model ({type(model).__name__}) has no normalisation in front, so eps and inputs would mean "
+            "nothing fixed: wrap it with with_normalization(model, mean, std), or build it with create_model"
+        )
+    if model.spec.arch == CUSTOM:
+        log.warning("the source is a model of your own with no recorded builder: its transferred model is saved, "
+                    "but load_model cannot rebuild it; wrap it with with_normalization(..., "
+                    "builder='package.module:function') to make it reloadable")
+    return copy.deepcopy(model).cpu().eval()
 
 
 def _transfer(config: TransferConfig, out_dir: Path, device: torch.device, precision: str,
-              started: float) -> TransferResult:
+              started: float, in_memory: NormalizedModel | None) -> TransferResult:
     tune_malloc()
     checkpoints = out_dir / CHECKPOINT_DIR
     for folder in (out_dir, checkpoints):  # leftovers of writes killed mid-way
@@ -95,7 +121,8 @@ def _transfer(config: TransferConfig, out_dir: Path, device: torch.device, preci
     if unfinished and not config.resume:
         raise RobustTransferError(f"{out_dir} holds the checkpoints of an unfinished transfer: pass --resume to "
                                   f"continue it, or choose another output folder (or delete {checkpoints})")
-    source = load_model(config.source)
+    source = in_memory if in_memory is not None else load_model(config.source, config.source_arch,
+                                                                 options=config.source_options)
     source_hash = model_content_hash(source)
     if config.resume and not unfinished:
         finished = _finished_result(out_dir, config, source_hash)
@@ -157,8 +184,7 @@ def _finished_result(out_dir: Path, config: TransferConfig, source_hash: str) ->
     """The result already in ``out_dir`` when it was computed with the same settings and source, else None."""
     try:
         record = json.loads((out_dir / RECORD_NAME).read_text())
-        recipe = {k: v for k, v in record["config"].items() if k not in EXECUTION_FIELDS}
-        if recipe != config.recipe() or record["source"]["content_sha256"] != source_hash:
+        if recipe_of(record["config"]) != config.recipe() or record["source"]["content_sha256"] != source_hash:
             return None
         model = load_model(out_dir / MODEL_NAME)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RobustTransferError):

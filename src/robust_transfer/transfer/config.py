@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import RobustTransferError
+from ..models.spec import check_options
 from ..parsing import parse_eps
 from ..runtime import PRECISIONS
 from .linear_probe import DEFAULT_PENALTIES
@@ -15,6 +16,7 @@ PROTOCOLS = ("fast", "paper")
 _PARTIAL = re.compile(r"^partial:(\d+)$")
 # Fields that change how a run is executed but not what it computes: a resume may change them.
 EXECUTION_FIELDS = ("out_dir", "cache_dir", "progress", "device", "resume")
+_SOURCE_FIELDS = ("source_arch", "source_options")
 
 
 @dataclass
@@ -29,6 +31,8 @@ class TransferConfig:
     """
 
     source: str = ""
+    source_arch: str | None = None      # the source file's architecture, when the file does not name it
+    source_options: dict = field(default_factory=dict)  # its timm / builder keyword arguments
     dataset: str = "animal-mnist"
     mode: str = "fixed"
     out_dir: str = "runs/transfer"
@@ -60,7 +64,8 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise RobustTransferError("give the source model: a model file written by pretrain")
+            raise RobustTransferError("give the source model: a model file, a zoo name, or model= (an nn.Module)")
+        self.source_options = check_options(self.source_options)
         self.frozen_stages_spec()  # validates the mode
         if self.protocol not in PROTOCOLS:
             raise RobustTransferError(f"unknown protocol {self.protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -104,4 +109,10 @@ class TransferConfig:
 
     def recipe(self) -> dict:
         """The fields that determine the result (what a resumed run must agree on)."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        return recipe_of(self.to_dict())
+
+
+def recipe_of(recorded: dict) -> dict:
+    """The recipe part of a recorded configuration: the source's architecture fields only when set, so runs
+    recorded before they existed keep their identity."""
+    return {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS and not (k in _SOURCE_FIELDS and not v)}
