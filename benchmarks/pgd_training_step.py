@@ -73,7 +73,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, base_model, x, y, args) -> None:
-        from robust_transfer import ThreatModel
+        from robust_transfer import Attack, ThreatModel
         from robust_transfer.runtime import prepare_batch, prepare_model, resolve_device, resolve_precision
         from robust_transfer.train.objectives import make_objective
         from robust_transfer.train.step import train_step
@@ -84,12 +84,8 @@ class Ours:
         self.x = prepare_batch(x, self.device, self.precision)
         self.y = y.to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-        self.objective = make_objective(
-            "pgd",
-            ThreatModel("l2", args.eps),
-            attack_steps=args.attack_steps,
-            attack_step_size=args.step_size,
-        )
+        attack = Attack(ThreatModel("l2", args.eps), steps=args.attack_steps, step_size=args.step_size)
+        self.objective = make_objective("pgd", attack)
         self._train_step = train_step
         # Capture the adversarial batch that train_step's objective produces, without changing it.
         self._last_adv = None

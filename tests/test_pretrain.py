@@ -49,7 +49,7 @@ def test_every_method_trains_and_writes_a_loadable_model(tmp_path, method):
     model = load_model(result.model_path)
     assert model.metadata["threat"] == {"norm": "l2", "eps": 1.0}
     assert model.metadata["recipe"]["method"] == method
-    assert result.test["n"] == 128 and result.test["robust_acc"] <= result.test["clean_acc"]
+    assert result.test.n == 128 and result.test.robust_acc <= result.test.clean_acc
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from robust_transfer import RobustTransferError, ThreatModel, atomic, evaluate, load_dataset, rundir
+from robust_transfer import Attack, RobustTransferError, ThreatModel, atomic, evaluate, load_dataset, rundir
 from robust_transfer.atomic import atomic_write, atomic_write_text
 from robust_transfer.cli import main
 from robust_transfer.evaluation import EvalResult
@@ -82,13 +82,13 @@ def test_a_gradient_masking_model_looks_robust_and_is_flagged(linear_model, sepa
 def test_a_random_start_that_weakens_the_attack_is_reported_without_crying_masking(linear_model, separable_data):
     # L2 PGD from a random point on the sphere turns towards the best direction only slowly: on this
     # linear model it stays about 6 points weaker than PGD from the input, however many steps it takes.
-    warnings = masking_checks(linear_model, separable_data, ThreatModel("l2", 0.6))
+    warnings = masking_checks(linear_model, separable_data, Attack(ThreatModel("l2", 0.6)))
     assert len(warnings) == 1 and warnings[0].startswith("the random start weakens the attack")
     assert "masking" not in warnings[0]
 
 
 def test_an_attack_with_too_few_steps_is_flagged_as_not_converged(linear_model, separable_data):
-    warnings = masking_checks(linear_model, separable_data, ThreatModel("l2", 1.0), steps=1, step_size=0.2)
+    warnings = masking_checks(linear_model, separable_data, Attack(ThreatModel("l2", 1.0), steps=1, step_size=0.2))
     assert len(warnings) == 1
     assert "not converged: 5 steps give robust accuracy" in warnings[0] and "with 1 step " in warnings[0]
 

@@ -10,14 +10,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from robust_transfer.attack import Attack
 from robust_transfer.cli import main
 from robust_transfer.data import load_dataset
 from robust_transfer.models import MLPHead, load_model
-from robust_transfer.models.stages import stages
+from robust_transfer.models.stages import replace_head, stages
 from robust_transfer.train import PretrainConfig, pretrain
 from robust_transfer.transfer import transfer
 from robust_transfer.transfer.linear_probe import fit_linear_head, penalised_cross_entropy
 from robust_transfer.transfer.metrics import score
+from robust_transfer.transfer.predict import predict
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,8 @@ def _changed(before: dict, after: dict, prefix: str) -> bool:
 
 def test_fixed_feature_fast_protocol_writes_a_record_and_reuses_features(tmp_path, source_path):
     common = dict(source=source_path, dataset="animal-mnist", mode="fixed", cache_dir=str(tmp_path / "cache"),
-                  penalties=[1e-4, 1e-2, 1.0], progress=False, eval_eps=0.25, eval_steps=3, eval_examples=64)
+                  penalties=[1e-4, 1e-2, 1.0], progress=False, eval_attack=Attack.of("l2", 0.25, steps=3),
+                  eval_examples=64, precision="fp32")
     first = transfer(out_dir=str(tmp_path / "a"), **common)
     record = json.loads((tmp_path / "a" / "result.json").read_text())
     assert record["test"]["score"] == first.test_score > 0.2  # 10 classes: chance is 0.1
@@ -47,11 +50,16 @@ def test_fixed_feature_fast_protocol_writes_a_record_and_reuses_features(tmp_pat
     assert record["config"]["mode"] == "fixed" and record["timings"]["features_s"] > 0
     assert record["robust"]["robust_acc"] <= record["robust"]["clean_acc"]
     second = transfer(out_dir=str(tmp_path / "b"), **common)
-    assert second.record["timings"]["cached_splits"] == 3 and second.record["timings"]["features_s"] == 0
+    assert second.record.timings["cached_splits"] == 3 and second.record.timings["features_s"] == 0
     assert second.test_score == pytest.approx(first.test_score)
-    # The head went into the model: its own predictions give the recorded score.
+    # The head went into the model: its own predictions give the recorded score (up to an image whose two top
+    # logits tie within float rounding: the head ran on cached features there, on the whole network here).
     model = load_model(first.model_path)
     assert model.spec.num_classes == 10
+    test = load_dataset("animal-mnist").test
+    predictions, labels = predict(model, test, torch.device("cpu"), "fp32")
+    assert score(predictions, labels, 10, "top1") == pytest.approx(first.test_score, abs=2 / len(test))
+    assert score(predictions, labels, 10, "top1") > 0.2
     source = load_model(source_path).state_dict()
     target = model.state_dict()
     assert not _changed(source, target, "model.layer")  # the backbone is untouched
@@ -66,8 +74,8 @@ def test_partial_transfer_freezes_exactly_the_first_stages(tmp_path, source_path
     for name in first_stage:
         assert not _changed(before, after, f"model.{name}."), name  # frozen, BatchNorm statistics included
     assert _changed(before, after, "model.layer2.") and _changed(before, after, "model.layer3.")
-    assert result.record["selection"]["frozen_stages"] == 1
-    assert target.spec.num_classes == 10 and result.record["target"]["image_size"] == 28  # digits upsampled
+    assert result.record.selection.frozen_stages == 1
+    assert target.spec.num_classes == 10 and result.record.target.image_size == 28  # digits upsampled
 
 
 def test_full_network_changes_everything_and_picks_a_learning_rate(tmp_path, source_path):
@@ -75,16 +83,23 @@ def test_full_network_changes_everything_and_picks_a_learning_rate(tmp_path, sou
                       train_examples=512, out_dir=str(tmp_path), progress=False)
     before, after = load_model(source_path).state_dict(), load_model(result.model_path).state_dict()
     assert _changed(before, after, "model.conv1.") and _changed(before, after, "model.layer3.")
-    assert set(result.record["selection"]["val_scores"]) == {"0.05", "0.005"}
-    assert result.record["selection"]["chosen"] in (0.05, 0.005)
+    assert set(result.record.selection.val_scores) == {"0.05", "0.005"}
+    assert result.record.selection.chosen in (0.05, 0.005)
 
 
 def test_paper_protocol_trains_only_the_head(tmp_path, source_path):
-    result = transfer(source=source_path, dataset="digits", mode="fixed", protocol="paper", epochs=1, lrs=[0.01],
+    result = transfer(source=source_path, dataset="digits", mode="fixed", protocol="paper", epochs=3, lrs=[0.1],
                       refit=False, out_dir=str(tmp_path), progress=False)
-    before, after = load_model(source_path).state_dict(), load_model(result.model_path).state_dict()
+    trained = load_model(result.model_path)
+    before, after = load_model(source_path).state_dict(), trained.state_dict()
     assert not _changed(before, after, "model.layer") and not _changed(before, after, "model.bn1.")
-    assert result.record["protocol"] == "paper"
+    assert result.record.protocol == "paper"
+    torch.manual_seed(0)  # the new head's initialisation, as transfer draws it
+    untrained = replace_head(load_model(source_path), 10)
+    assert _changed(untrained.state_dict(), after, "model.fc.")  # the head trained...
+    test = load_dataset("digits", image_size=28).test
+    untrained_score = score(*predict(untrained, test, torch.device("cpu"), "fp32"), 10, "top1")
+    assert result.test_score > untrained_score + 0.05  # ...into something better than its initialisation
 
 
 def test_a_head_with_hidden_layers_saves_and_reloads_to_the_same_predictions(tmp_path, source_path):

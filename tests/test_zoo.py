@@ -503,5 +503,5 @@ def test_a_released_checkpoint_imported_into_the_zoo_transfers_by_name(released_
     result = transfer(source="resnet18_l2_eps3", dataset="digits", mode="fixed", image_size=32,
                       penalties=[1e-2], out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
                       progress=False, precision="fp32")
-    assert result.record["source"]["arch"] == "resnet18" and result.record["target"]["in_channels"] == 3
+    assert result.record.source.arch == "resnet18" and result.record.target.in_channels == 3
     assert load_model(result.model_path).spec.num_classes == 10

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # `import robust_transfer` (and the command's --help) stays fast.
 _EXPORTS = {
     "ThreatModel": "threat",
+    "Attack": "attack",
     "RobustTransferError": "errors",
     "pgd": "attack",
     "fgsm": "attack",
@@ -39,7 +40,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attack import fgsm, pgd  # noqa: F401
+    from .attack import Attack, fgsm, pgd  # noqa: F401
     from .data import DatasetSplits, list_datasets, load_dataset  # noqa: F401
     from .errors import RobustTransferError  # noqa: F401
     from .evaluation import EvalResult, evaluate  # noqa: F401

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .attack import eval_mode, pgd
+from .attack import Attack, eval_mode
 from .errors import RobustTransferError
 from .runtime import autocast, prepare_batch, resolve_device, resolve_precision
-from .threat import ThreatModel
 
 EvalData = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class EvalResult:
-    """Accuracies in [0, 1]; ``robust_acc`` is None when no threat model was given.
+    """Accuracies in [0, 1]; ``robust_acc`` is None when no attack was given.
 
     An example counts as robust only if it is classified correctly both clean and attacked,
-    so ``robust_acc <= clean_acc`` always. ``warnings`` holds the gradient-masking warnings of
+    so ``robust_acc <= clean_acc`` always. ``attack`` names the attack behind ``robust_acc``
+    (`Attack.describe`). ``warnings`` holds the gradient-masking warnings of
     ``evaluate(..., masking_check=True)`` (see :mod:`robust_transfer.masking`); empty otherwise.
     """
 
@@ -36,9 +36,16 @@ class EvalResult:
     restarts: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    attack: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResult:
+        """Read what `to_dict` wrote (records written before a field existed take its default)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def eval_batches(data: EvalData, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -80,19 +87,15 @@ def limited(batches: Iterable, max_examples: int | None) -> Iterator[tuple[torch
 def accuracy(
     model: nn.Module,
     data: EvalData,
-    threat: ThreatModel | None = None,
-    steps: int = 20,
-    step_size: float | None = None,
-    restarts: int = 0,
+    attack: Attack | None = None,
     batch_size: int = 256,
-    random_start: bool = True,
     device: str = "auto",
     precision: str = "fp32",
     max_examples: int | None = None,
     progress: bool = False,
     seed: int = 0,
 ) -> EvalResult:
-    """Clean accuracy and, given ``threat``, accuracy under a PGD attack of ``steps`` steps.
+    """Clean accuracy and, given ``attack``, accuracy under it.
 
     ``data`` is a DataLoader, a Dataset or an ``(images, labels)`` pair; images in [0, 1].
     ``precision`` is ``"fp32"`` (the reference) or ``"bf16"``/``"auto"`` (faster on AMX CPUs and
@@ -121,24 +124,24 @@ def accuracy(
             clean_pred = logits.argmax(dim=1)
             clean_ok = clean_pred == y
             correct_clean += int(clean_ok.sum())
-            if threat is not None:
-                x_adv = pgd(model, x, y, threat, steps=steps, step_size=step_size,
-                            random_start=random_start, restarts=restarts, generator=generator)
+            if attack is not None:
+                x_adv = attack(model, x, y, generator=generator)
                 with eval_mode(model), torch.no_grad():
                     adv_ok = model(x_adv).argmax(dim=1) == y
                 correct_robust += int((clean_ok & adv_ok).sum())
         total += len(y)
         bar.set_postfix(clean=f"{correct_clean / total:.3f}",
-                        robust=f"{correct_robust / total:.3f}" if threat else "-")
+                        robust=f"{correct_robust / total:.3f}" if attack else "-")
     if total == 0:
         raise RobustTransferError("nothing to evaluate: the data has no examples")
     seconds = time.perf_counter() - started
     return EvalResult(
         clean_acc=correct_clean / total,
-        robust_acc=(correct_robust / total) if threat is not None else None,
+        robust_acc=(correct_robust / total) if attack is not None else None,
         n=total,
-        threat=str(threat) if threat is not None else None,
-        steps=steps if threat is not None else 0,
-        restarts=restarts if threat is not None else 0,
+        threat=str(attack.threat) if attack is not None else None,
+        steps=attack.steps if attack is not None else 0,
+        restarts=attack.restarts if attack is not None else 0,
         seconds=seconds,
+        attack=attack.describe() if attack is not None else None,
     )

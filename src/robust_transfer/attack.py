@@ -1,4 +1,4 @@
-"""Projected gradient descent (PGD) and FGSM over a threat model.
+"""Projected gradient descent (PGD) and FGSM over a threat model, and `Attack`, an attack as one value.
 
 Every attack treats the model as a black box taking [0, 1] images; it runs the model in eval
 mode (BatchNorm with running statistics, no dropout), hands the mode back afterwards and leaves
@@ -8,13 +8,17 @@ no gradient on the model's parameters.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import RobustTransferError
+from .parsing import parse_eps
 from .threat import ThreatModel
 
 # loss_fn(logits, y) -> per-example loss, shape [N]; the attack ascends it.
@@ -137,3 +141,75 @@ def fgsm(
     """One-step PGD: a single step of ``step_size`` (default eps) in the steepest direction."""
     return pgd(model, x, y, threat, steps=1, step_size=threat.eps if step_size is None else step_size,
                random_start=random_start, targeted=targeted, loss_fn=loss_fn, use_best=False)
+
+
+ATTACK_KINDS = ("pgd",)
+"""The attacks an `Attack` value can name (evaluation with AutoAttack's attacks comes with its own kinds)."""
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack as a value, handed around whole: where it may move (``threat``) and how it searches.
+
+    ``steps`` PGD steps of ``step_size`` (pixel units; default 2.5 * eps / steps) from a random start in
+    the ball (``random_start``), repeated from ``restarts`` more random starts, keeping per example the
+    worst case over all runs. ``kind`` names the attack. Evaluation, the gradient-masking checks, the
+    training objectives, both run configurations and the study spec all take this one value.
+    """
+
+    threat: ThreatModel
+    steps: int = 20
+    step_size: float | None = None
+    restarts: int = 0
+    random_start: bool = True
+    kind: str = "pgd"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threat, ThreatModel):
+            raise RobustTransferError(f"an attack needs a ThreatModel, got {type(self.threat).__name__}")
+        if self.kind not in ATTACK_KINDS:
+            raise RobustTransferError(f"unknown attack {self.kind!r}: use one of {', '.join(ATTACK_KINDS)}")
+        for name in ("steps", "restarts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RobustTransferError(f"attack {name} must be a whole number >= 0, got {value!r}")
+        if self.step_size is not None:
+            object.__setattr__(self, "step_size", parse_eps(self.step_size))
+
+    @classmethod
+    def of(cls, norm: str, eps: float | str, **settings: Any) -> Attack:
+        """``Attack(ThreatModel(norm, eps), **settings)``."""
+        return cls(ThreatModel(norm, eps), **settings)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, use_best: bool = True,
+                 generator: torch.Generator | None = None, loss_fn: LossFn | None = None,
+                 targeted: bool = False) -> torch.Tensor:
+        """Adversarial examples for ``x`` (in the ball and the [0, 1] box); ``use_best=False`` for training."""
+        return pgd(model, x, y, self.threat, steps=self.steps, step_size=self.step_size,
+                   random_start=self.random_start, restarts=self.restarts, targeted=targeted, loss_fn=loss_fn,
+                   use_best=use_best, generator=generator)
+
+    def replace(self, **changes: Any) -> Attack:
+        """A copy with ``changes`` (e.g. ``steps=100``)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """E.g. ``"PGD-20, l2 eps 1 (2 restarts)"``: how a report names the robust number it produced."""
+        text = f"{self.kind.upper()}-{self.steps}, {self.threat.norm} eps {self.threat.eps:g}"
+        return text + (f" ({self.restarts} restarts)" if self.restarts else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"norm", "eps", "steps", "step_size", "restarts", "random_start", "kind"}``."""
+        return {"norm": self.threat.norm, "eps": self.threat.eps, "steps": self.steps, "step_size": self.step_size,
+                "restarts": self.restarts, "random_start": self.random_start, "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Attack:
+        """Read what `to_dict` wrote (missing fields take their defaults); unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise RobustTransferError(f"an attack must be a table of settings, got {data!r}")
+        unknown = sorted(set(data) - {"norm", "eps", "steps", "step_size", "restarts", "random_start", "kind"})
+        if unknown:
+            raise RobustTransferError(f"unknown attack settings: {', '.join(unknown)}")
+        settings = {k: v for k, v in data.items() if k not in ("norm", "eps")}
+        return cls(ThreatModel(data.get("norm", "l2"), data.get("eps", 0.0)), **settings)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .accuracy import accuracy, eval_batches, limited
-from .attack import eval_mode, per_example_cross_entropy
+from .attack import Attack, eval_mode, per_example_cross_entropy
 from .data import sample_examples
 from .errors import RobustTransferError
 from .runtime import resolve_device
@@ -156,11 +156,7 @@ def _zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 def measure(
     model: nn.Module,
     data,
-    threat: ThreatModel,
-    steps: int = 20,
-    step_size: float | None = None,
-    restarts: int = 0,
-    random_start: bool = True,
+    attack: Attack,
     batch_size: int = 256,
     device: str = "auto",
     precision: str = "fp32",
@@ -168,7 +164,9 @@ def measure(
     seed: int = 0,
     more_steps: bool = True,
 ) -> MaskingMeasurements:
-    """Run the extra attacks on ``max_examples`` examples of ``data`` (a seeded sample of a Dataset)."""
+    """Run the extra attacks on ``max_examples`` examples of ``data`` (a seeded sample of a Dataset): variations of
+    ``attack`` (its eps halved and doubled, unbounded, the other random start, 5x the steps)."""
+    threat, steps, step_size, random_start = attack.threat, attack.steps, attack.step_size, attack.random_start
     if threat.eps <= 0:
         raise RobustTransferError("the gradient-masking checks need a threat model with eps > 0")
     if isinstance(data, Dataset):  # a random sample: many datasets store their examples class by class
@@ -180,8 +178,9 @@ def measure(
         model = model.to(torch_device)
 
     def acc(eps: float, n_steps: int = steps, size: float | None = step_size, start: bool = random_start) -> float:
-        result = accuracy(model, (x, y), ThreatModel(threat.norm, eps), steps=n_steps, step_size=size,
-                          restarts=restarts, batch_size=batch_size, random_start=start, device=str(torch_device),
+        variant = attack.replace(threat=ThreatModel(threat.norm, eps), steps=n_steps, step_size=size,
+                                 random_start=start)
+        result = accuracy(model, (x, y), variant, batch_size=batch_size, device=str(torch_device),
                           precision=precision, seed=seed)
         return result.robust_acc
 
@@ -205,15 +204,15 @@ def measure(
         more_steps_acc=more, zero_gradient_fraction=zero)
 
 
-def masking_checks(model: nn.Module, data, threat: ThreatModel, **attack: Any) -> list[str]:
-    """Warnings (plain sentences, empty when all is well) about signs of gradient masking.
+def masking_checks(model: nn.Module, data, attack: Attack, **settings: Any) -> list[str]:
+    """Warnings (plain sentences, empty when all is well) about signs of gradient masking under ``attack``.
 
-    ``attack`` takes the keyword arguments of :func:`measure` (``steps``, ``step_size``, ``restarts``,
-    ``random_start``, ``batch_size``, ``device``, ``precision``, ``max_examples``, ``seed``,
-    ``more_steps``). Runs, on ``max_examples`` examples of ``data`` (a DataLoader, a Dataset or an
-    ``(images, labels)`` pair of [0, 1] images), that attack at eps/2, eps and 2*eps and at an eps
-    covering the whole image box, once more with the other random-start setting, once with 5x the
-    steps (unless ``more_steps`` is False) and one input-gradient pass: about 10x the cost of
-    evaluating that subset once. The warnings are symptoms, not proof; each names what to try.
+    ``settings`` are the keyword arguments of :func:`measure` (``batch_size``, ``device``,
+    ``precision``, ``max_examples``, ``seed``, ``more_steps``). Runs, on ``max_examples`` examples of
+    ``data`` (a DataLoader, a Dataset or an ``(images, labels)`` pair of [0, 1] images), that attack
+    at eps/2, eps and 2*eps and at an eps covering the whole image box, once more with the other
+    random-start setting, once with 5x the steps (unless ``more_steps`` is False) and one
+    input-gradient pass: about 10x the cost of evaluating that subset once. The warnings are
+    symptoms, not proof; each names what to try.
     """
-    return judge(measure(model, data, threat, **attack), threat)
+    return judge(measure(model, data, attack, **settings), attack.threat)

@@ -30,24 +30,16 @@ def describe_error(error: BaseException) -> str:
 def _pretrain(config: dict[str, Any]) -> dict[str, Any]:
     from ..train import PretrainConfig, pretrain
 
-    result = pretrain(PretrainConfig.from_dict(config["pretrain"]))
-    return {"model_path": str(result.model_path), "run_dir": str(result.run_dir), "test": result.test,
-            "epochs": len(result.history), "train_seconds": result.seconds}
+    return pretrain(PretrainConfig.from_dict(config["pretrain"])).to_dict()
 
 
 def _evaluate(config: dict[str, Any]) -> dict[str, Any]:
-    from ..data import load_dataset, sample_examples
-    from ..evaluation import evaluate
-    from ..models import load_model
-    from ..threat import ThreatModel
+    from ..attack import Attack
+    from ..evaluation import evaluate_file
 
-    model = load_model(config["model"])
-    data = load_dataset(config["dataset"], config["data_root"], seed=config["seed"],
-                        image_size=model.metadata.get("input_size"), in_channels=model.spec.in_channels)
-    test = sample_examples(data.test, config["examples"], config["seed"])
-    result = evaluate(model, test, ThreatModel(config["norm"], config["eps"]), steps=config["steps"],
-                      precision="auto", seed=config["seed"])
-    return result.to_dict()
+    return evaluate_file(config["model"], config["dataset"], Attack.from_dict(config["attack"]),
+                         data_root=config["data_root"], max_examples=config["examples"], precision="auto",
+                         seed=config["seed"]).to_dict()
 
 
 def _transfer(config: dict[str, Any]) -> dict[str, Any]:
@@ -55,4 +47,4 @@ def _transfer(config: dict[str, Any]) -> dict[str, Any]:
 
     # resume: an interrupted fine-tuning continues from its per-epoch checkpoints.
     result = transfer(TransferConfig(**{**config["transfer"], "resume": True}))
-    return {**result.record, "model_path": str(result.model_path)}
+    return {**result.record.to_dict(), "model_path": str(result.model_path)}

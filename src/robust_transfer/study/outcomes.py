@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..accuracy import EvalResult
+from ..train import PretrainResult
+from ..transfer.record import TransferRecord
+
 
 @dataclass(frozen=True)
 class SourceOutcome:
@@ -41,11 +45,6 @@ class TransferOutcome:
     seconds: float
 
 
-def _threat_of(record_source: dict) -> tuple[str | None, float]:
-    threat = record_source.get("threat") or {}
-    return threat.get("norm"), float(threat.get("eps") or 0.0)
-
-
 def load_outcomes(store) -> tuple[list[SourceOutcome], list[TransferOutcome]]:
     """The finished runs of a :class:`~robust_transfer.study.store.Store` as flat records."""
     transfers, sources = [], {}
@@ -54,25 +53,24 @@ def load_outcomes(store) -> tuple[list[SourceOutcome], list[TransferOutcome]]:
         recipe = row.config["pretrain"]
         label = row.config["source_label"]
         evaluation = evaluations.get(label)
-        measured = evaluation.result if evaluation else row.result.get("test") or {}
+        measured = EvalResult.from_dict(evaluation.result) if evaluation else PretrainResult.from_dict(row.result).test
         seconds = (row.seconds or 0.0) + ((evaluation.seconds or 0.0) if evaluation else 0.0)
         sources[label] = SourceOutcome(
             key=row.key, source=label, arch=recipe["arch"], norm=recipe["norm"] if recipe["eps"] else None,
-            eps=float(recipe["eps"]), clean_acc=measured.get("clean_acc"), robust_acc=measured.get("robust_acc"),
-            threat=measured.get("threat"), seconds=seconds)
+            eps=float(recipe["eps"]), clean_acc=measured.clean_acc if measured else None,
+            robust_acc=measured.robust_acc if measured else None,
+            threat=(measured.attack or measured.threat) if measured else None, seconds=seconds)
     for row in store.rows("transfer", "done"):
-        record, config = row.result, row.config
-        norm, eps = _threat_of(record["source"])
-        robust = record.get("robust") or {}
-        val_scores = record["selection"]["val_scores"].values()
+        record, config = TransferRecord.from_dict(row.result), row.config
+        source, robust = record.source, record.robust
         transfers.append(TransferOutcome(
-            key=row.key, source=config["source_label"], arch=record["source"]["arch"], norm=norm, eps=eps,
-            dataset=config["target_label"], mode=record["mode"], setting=config["setting"],
-            seed=config["transfer"]["seed"], val_score=max(val_scores), test_score=record["test"]["score"],
-            metric=record["test"]["metric"], robust_acc=robust.get("robust_acc"), robust_threat=robust.get("threat"),
-            seconds=row.seconds or 0.0))
+            key=row.key, source=config["source_label"], arch=source.arch, norm=source.norm, eps=source.eps,
+            dataset=config["target_label"], mode=record.mode, setting=config["setting"],
+            seed=config["transfer"]["seed"], val_score=record.selection.best_val_score, test_score=record.test_score,
+            metric=record.metric, robust_acc=robust.robust_acc if robust else None,
+            robust_threat=(robust.attack or robust.threat) if robust else None, seconds=row.seconds or 0.0))
         if config["source_label"] not in sources:
             sources[config["source_label"]] = SourceOutcome(
-                key=row.depends_on or "", source=config["source_label"], arch=record["source"]["arch"], norm=norm,
-                eps=eps, clean_acc=None, robust_acc=None, threat=None, seconds=0.0)
+                key=row.depends_on or "", source=config["source_label"], arch=source.arch, norm=source.norm,
+                eps=source.eps, clean_acc=None, robust_acc=None, threat=None, seconds=0.0)
     return list(sources.values()), transfers

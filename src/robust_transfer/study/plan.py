@@ -53,7 +53,7 @@ def plan_runs(spec: StudySpec) -> list[Run]:
             runs.append(pretrain_run)
             model = str(Path(pretrain_run.config["pretrain"]["out_dir"]) / MODEL_NAME)
             source_refs[source.label] = ({"pretrain": pretrain_run.key}, model, pretrain_run.key)
-            if spec.threat.eps > 0:
+            if spec.threat.attack is not None:
                 runs.append(_evaluate_run(spec, source, pretrain_run, model))
         elif source.zoo is not None:
             source_refs[source.label] = ({"zoo": source.zoo}, source.zoo, None)
@@ -80,14 +80,14 @@ def _pretrain_run(source: Source, out: Path) -> Run:
 
 
 def _evaluate_run(spec: StudySpec, source: Source, pretrain_run: Run, model: str) -> Run:
-    threat = spec.threat
+    attack, examples = spec.threat.attack, spec.threat.examples
     recipe = pretrain_run.config["pretrain"]
     identity = {"kind": "evaluate", "model": pretrain_run.key, "dataset": recipe["dataset"],
-                "data_root": recipe["data_root"], "threat": [threat.norm, threat.eps, threat.steps, threat.examples]}
+                "data_root": recipe["data_root"], "attack": attack.to_dict(), "examples": examples}
     config = {"source_label": source.label, "model": model, "dataset": recipe["dataset"],
-              "data_root": recipe["data_root"], "seed": recipe["seed"], "norm": threat.norm, "eps": threat.eps,
-              "steps": threat.steps, "examples": threat.examples}
-    return Run(run_key(identity), "evaluate", f"evaluate {source.label} under {threat.norm} eps {threat.eps:g}",
+              "data_root": recipe["data_root"], "seed": recipe["seed"], "attack": attack.to_dict(),
+              "examples": examples}
+    return Run(run_key(identity), "evaluate", f"evaluate {source.label} under {attack.describe()}",
                config, depends_on=pretrain_run.key)
 
 

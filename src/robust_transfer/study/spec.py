@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..attack import Attack
 from ..errors import RobustTransferError
 from ..parsing import parse_eps
-from ..threat import ThreatModel
 from ..train import PretrainConfig
 from ..train.config import EXECUTION_FIELDS as PRETRAIN_EXECUTION_FIELDS
 from ..transfer import TransferConfig
@@ -56,19 +56,18 @@ else:  # pragma: no cover
 TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "grid")
 SOURCE_KEYS = ("label", "zoo", "file", "pretrain", "eps")
 TARGET_KEYS = ("dataset", "data_root", "label")
-THREAT_KEYS = ("norm", "eps", "steps", "examples")
+THREAT_KEYS = ("norm", "eps", "steps", "step_size", "restarts", "examples")
 # Transfer settings a study decides itself: the source, where the run writes, what is shared.
 STUDY_OWNED = ("source", "out_dir", "cache_dir", "progress", "dataset", "data_root", "mode", "seed", "resume",
-               "eval_norm", "eval_eps", "eval_steps", "eval_examples")
+               "eval_attack", "eval_examples")
 
 
 @dataclass(frozen=True)
 class Threat:
-    """The threat model a study measures robustness under: of each source and after each transfer."""
+    """How a study measures robustness, of each source and after each transfer: ``attack`` (None: not at all)
+    on ``examples`` test examples."""
 
-    norm: str = "l2"
-    eps: float = 0.0
-    steps: int = 20
+    attack: Attack | None = None
     examples: int = 500
 
 
@@ -256,15 +255,15 @@ def _targets(raw: Any, check: _Checker) -> tuple[Target, ...]:
 
 def _threat(raw: Any, check: _Checker) -> Threat:
     check.only(raw, THREAT_KEYS, "threat")
+    settings = {k: v for k, v in raw.items() if k != "examples"}
     try:
-        threat = Threat(norm=str(raw.get("norm", "l2")), eps=parse_eps(raw.get("eps", 0.0)),
-                        steps=int(raw.get("steps", 20)), examples=int(raw.get("examples", 500)))
-        ThreatModel(threat.norm, threat.eps)  # checks the norm
+        attack = Attack.from_dict({"steps": 20, **settings})
+        examples = int(raw.get("examples", 500))
     except (RobustTransferError, ValueError, TypeError) as error:
         raise check.fail("threat", str(error)) from None
-    if threat.steps < 1 or threat.examples < 1:
+    if attack.steps < 1 or examples < 1:
         raise check.fail("threat", "steps and examples must be >= 1")
-    return threat
+    return Threat(attack if attack.threat.eps > 0 else None, examples)
 
 
 def _transfer_fields() -> tuple[str, ...]:
@@ -304,9 +303,8 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def transfer_settings(spec: StudySpec, mode: str, point: dict[str, Any]) -> dict[str, Any]:
     """The transfer settings of one run (before the study fills in source, target and seed), checked."""
     settings = {**spec.transfer, **spec.mode_settings.get(mode, {}), **point, "mode": mode}
-    if spec.threat.eps > 0:
-        settings.update(eval_norm=spec.threat.norm, eval_eps=spec.threat.eps, eval_steps=spec.threat.steps,
-                        eval_examples=spec.threat.examples)
+    if spec.threat.attack is not None:
+        settings.update(eval_attack=spec.threat.attack, eval_examples=spec.threat.examples)
     try:
         TransferConfig(source="-", **settings)
     except TypeError as error:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..attack import Attack
+from ..config_flags import helped
 from ..errors import RobustTransferError
 from ..models.registry import check_arch
 from ..models.spec import check_options
@@ -22,40 +24,56 @@ EXECUTION_FIELDS = ("out_dir", "resume", "progress", "device", "num_workers", "d
 class PretrainConfig:
     """Everything that defines a pretraining run. eps is in [0, 1] pixel units."""
 
-    dataset: str = "fashion-mnist"
-    arch: str = "small_resnet"
-    arch_options: dict = field(default_factory=dict)  # keyword arguments of a timm architecture or builder
-    out_dir: str = "runs/pretrain"
-    data_root: str | None = None
-    method: str = "pgd"
-    norm: str = "l2"
-    eps: float = 1.0
-    attack_steps: int = 7
-    attack_step_size: float | None = None
-    random_start: bool = True
-    free_replays: int = 4
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    milestones: list[int] = field(default_factory=list)
-    label_smoothing: float = 0.0
-    augment: str | None = None
-    val_fraction: float = 0.1
-    train_examples: int | None = None
-    eval_examples: int = 1000
-    eval_steps: int = 10
-    test_steps: int = 20
-    test_examples: int | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    num_workers: int = 0
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+    dataset: str = field(default="fashion-mnist", metadata=helped(
+        "training data: fashion-mnist, animal-mnist, mnist-5k, digits, cifar10, cifar100, idx, imagefolder"))
+    arch: str = field(default="small_resnet", metadata=helped(
+        "architecture: small_resnet (28 px), cifar_resnet18/50 (32 px), resnet50, ..., timm:NAME for any timm "
+        "architecture, or package.module:function for your own builder"))
+    arch_options: dict = field(default_factory=dict, metadata=helped(
+        "keyword argument of a timm architecture or builder, repeatable (e.g. img_size=32 patch_size=4 for a ViT "
+        "on 32 px images)", flag="--arch-option"))
+    out_dir: str = field(default="runs/pretrain", metadata=helped(
+        "run folder: checkpoint.pt, metrics.jsonl, tensorboard/, model.safetensors, results.json"))
+    data_root: str | None = field(default=None, metadata=helped(
+        "folder holding the dataset (default: where the dataset is installed)"))
+    method: str = field(default="pgd", metadata=helped(
+        "standard, pgd (PGD-AT), fgsm-rs (fast AT) or free (minibatch replay)"))
+    norm: str = field(default="l2", metadata=helped("threat model: l2 or linf"))
+    eps: float = field(default=1.0, metadata=helped(
+        "radius in [0,1] pixel units; fractions such as 8/255 are fine; 0 = standard training", parse=parse_eps))
+    attack_steps: int = field(default=7, metadata=helped("PGD steps per training batch (method pgd)"))
+    attack_step_size: float | None = field(default=None, metadata=helped(
+        "attack step in pixel units (default 2.5*eps/steps; 1.25*eps for fgsm-rs; eps for free)", parse=parse_eps))
+    random_start: bool = field(default=True, metadata=helped("start PGD training attacks at the clean input"))
+    free_replays: int = field(default=4, metadata=helped("replays of each batch (method free)"))
+    epochs: int = field(default=10, metadata=helped("training epochs"))
+    batch_size: int = field(default=128, metadata=helped("global batch size (split over processes under torchrun)"))
+    lr: float = field(default=0.1, metadata=helped("peak learning rate of SGD with momentum"))
+    momentum: float = field(default=0.9, metadata=helped("SGD momentum"))
+    weight_decay: float = field(default=5e-4, metadata=helped("weight decay"))
+    schedule: str = field(default="cosine", metadata=helped("learning-rate schedule: cosine, step or constant"))
+    warmup_epochs: float = field(default=0.0, metadata=helped("linear warm-up length in epochs (fractions allowed)"))
+    milestones: list[int] = field(default_factory=list, metadata=helped(
+        "epochs at which the step schedule multiplies the rate by 0.1"))
+    label_smoothing: float = field(default=0.0, metadata=helped("label smoothing (off by default)"))
+    augment: str | None = field(default=None, metadata=helped(
+        "crop-flip, crop or none (default: the dataset's own choice)"))
+    val_fraction: float = field(default=0.1, metadata=helped("share of the training data held out for validation"))
+    train_examples: int | None = field(default=None, metadata=helped(
+        "train on a seeded random N of the training examples (quick runs)"))
+    eval_examples: int = field(default=1000, metadata=helped("validation examples attacked after each epoch"))
+    eval_steps: int = field(default=10, metadata=helped("PGD steps of the per-epoch robust validation"))
+    test_steps: int = field(default=20, metadata=helped("PGD steps of the final robust test evaluation"))
+    test_examples: int | None = field(default=None, metadata=helped(
+        "evaluate the final model on a seeded random N of the test examples"))
+    precision: str = field(default="auto", metadata=helped(
+        "auto (bf16 autocast + channels_last where the hardware is fast at it), bf16 or fp32"))
+    device: str = field(default="auto", metadata=helped("auto, cpu, cuda or cuda:N"))
+    num_workers: int = field(default=0, metadata=helped(
+        "data-loading worker processes (image folders only; in-memory sets need none)"))
+    seed: int = field(default=0, metadata=helped("seed of the splits, data order, augmentation and initialisation"))
+    resume: bool = field(default=False, metadata=helped("continue the run in --out-dir from its checkpoint"))
+    progress: bool = field(default=True, metadata=helped("no progress bars"))
 
     def __post_init__(self) -> None:
         self.eps = parse_eps(self.eps)
@@ -83,6 +101,22 @@ class PretrainConfig:
     @property
     def threat(self) -> ThreatModel:
         return ThreatModel(self.norm, self.eps)
+
+    @property
+    def training_attack(self) -> Attack:
+        """The attack the objective trains against (fgsm-rs and free use its threat and step size)."""
+        return Attack(self.threat, steps=self.attack_steps, step_size=self.attack_step_size,
+                      random_start=self.random_start)
+
+    @property
+    def validation_attack(self) -> Attack | None:
+        """PGD-``eval_steps`` under the training threat, after each epoch; None for standard training."""
+        return Attack(self.threat, steps=self.eval_steps) if self.eps > 0 else None
+
+    @property
+    def test_attack(self) -> Attack | None:
+        """PGD-``test_steps`` under the training threat, on the final model; None for standard training."""
+        return Attack(self.threat, steps=self.test_steps) if self.eps > 0 else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -17,7 +17,7 @@ from .. import __version__
 from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..data import load_dataset, make_batches, sample_examples
 from ..errors import RobustTransferError
-from ..evaluation import evaluate
+from ..evaluation import EvalResult, evaluate
 from ..models import create_model, save_model
 from ..rundir import run_folder
 from ..runtime import prepare_batch, prepare_model, resolve_precision, tune_malloc
@@ -44,13 +44,25 @@ RESULTS_NAME = "results.json"
 
 @dataclass
 class PretrainResult:
-    """Where a finished run lives and what it measured on the test split."""
+    """Where a finished run lives, what it measured on the test split (None on ranks > 0 of a torchrun run),
+    its per-epoch history and how long it took; `to_dict` / `from_dict` are its JSON."""
 
     run_dir: Path
     model_path: Path
-    test: dict[str, Any]
+    test: EvalResult | None
     history: list[dict[str, Any]]
     seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "model_path": str(self.model_path),
+                "test": self.test.to_dict() if self.test is not None else None, "history": self.history,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainResult:
+        return cls(Path(data["run_dir"]), Path(data["model_path"]),
+                   EvalResult.from_dict(data["test"]) if data.get("test") else None, data.get("history", []),
+                   float(data.get("seconds", 0.0)))
 
 
 def _check_run_dir(run_dir: Path, config: PretrainConfig) -> None:
@@ -109,8 +121,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     augment = config.augment or data.default_augment
     model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                          mean=data.mean, std=data.std, image_size=data.image_size, **config.arch_options)
-    objective = make_objective(config.method, config.threat, config.attack_steps, config.attack_step_size,
-                               config.random_start, config.free_replays, config.label_smoothing)
+    objective = make_objective(config.method, config.training_attack, config.free_replays, config.label_smoothing)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     batches_per_epoch = len(make_batches(train_set, config.batch_size, shuffle=True, drop_last=True))
@@ -162,17 +173,17 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     finally:
         metrics.close()
 
-    test: dict[str, Any] = {}
+    test: EvalResult | None = None
     if context.is_main:
         test = _test(config, model, data.test, precision)
         metadata = {
             "threat": {"norm": config.norm, "eps": config.eps}, "recipe": config.recipe(),
-            "source_data": config.dataset, "input_size": data.image_size, "accuracies": {"test": test},
+            "source_data": config.dataset, "input_size": data.image_size, "accuracies": {"test": test.to_dict()},
             "software": f"robust-transfer {__version__}",
         }
         save_model(model.cpu(), run_dir / MODEL_NAME, metadata)
         atomic_write_text(run_dir / RESULTS_NAME, json.dumps({
-            "config": config.to_dict(), "test": test, "history": history,
+            "config": config.to_dict(), "test": test.to_dict(), "history": history,
             "train_seconds": sum(h["seconds"] for h in history),
         }, indent=2))
     context.barrier()
@@ -236,8 +247,7 @@ def _run_epoch(config, context: DistributedContext, precision, train_model, mode
 
 
 def _validate(config: PretrainConfig, model, val_set, precision, context) -> dict[str, Any]:
-    threat = config.threat if config.eps > 0 else None
-    result = evaluate(model, val_set, threat, steps=config.eval_steps, batch_size=256, device=str(context.device),
+    result = evaluate(model, val_set, attack=config.validation_attack, batch_size=256, device=str(context.device),
                       precision=precision, seed=config.seed)
     out = {"val_clean_acc": result.clean_acc}
     if result.robust_acc is not None:
@@ -245,13 +255,11 @@ def _validate(config: PretrainConfig, model, val_set, precision, context) -> dic
     return out
 
 
-def _test(config: PretrainConfig, model, test_set, precision) -> dict[str, Any]:
-    threat = config.threat if config.eps > 0 else None
+def _test(config: PretrainConfig, model, test_set, precision) -> EvalResult:
     device = str(next(model.parameters()).device)
-    result = evaluate(model, sample_examples(test_set, config.test_examples, config.seed), threat,
-                      steps=config.test_steps, batch_size=256, device=device, precision=precision, seed=config.seed,
-                      progress=config.progress)
-    return result.to_dict()
+    result = evaluate(model, sample_examples(test_set, config.test_examples, config.seed), attack=config.test_attack,
+                      batch_size=256, device=device, precision=precision, seed=config.seed, progress=config.progress)
+    return result
 
 
 def _describe(summary: dict[str, Any], epochs: int) -> str:
@@ -265,4 +273,5 @@ def _describe(summary: dict[str, Any], epochs: int) -> str:
 
 def _finished_result(run_dir: Path) -> PretrainResult:
     results = json.loads((run_dir / RESULTS_NAME).read_text())
-    return PretrainResult(run_dir, run_dir / MODEL_NAME, results["test"], results["history"], 0.0)
+    return PretrainResult(run_dir, run_dir / MODEL_NAME, EvalResult.from_dict(results["test"]), results["history"],
+                          0.0)

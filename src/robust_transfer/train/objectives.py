@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attack import pgd
+from ..attack import Attack, pgd
 from ..errors import RobustTransferError
 from ..threat import ThreatModel
 
@@ -48,36 +48,37 @@ class Objective:
         """Restore what ``state_dict`` returned."""
 
 
+_NO_ATTACK = Attack(ThreatModel("l2", 0.0))
+
+
 @dataclass
 class PGDObjective(Objective):
-    threat: ThreatModel = field(default_factory=lambda: ThreatModel("l2", 0.0))
-    steps: int = 7
-    step_size: float | None = None
-    random_start: bool = True
+    """Madry et al.: the loss at the attack's last iterate (best-iterate selection is for evaluation)."""
+
+    attack: Attack = _NO_ATTACK
 
     def perturb(self, attack_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # Training attacks keep the last iterate, as in Madry et al.; best-iterate is for evaluation.
-        return pgd(attack_model, x, y, self.threat, steps=self.steps, step_size=self.step_size,
-                   random_start=self.random_start, use_best=False)
+        return self.attack(attack_model, x, y, use_best=False)
 
 
 @dataclass
 class FGSMRSObjective(Objective):
-    threat: ThreatModel = field(default_factory=lambda: ThreatModel("linf", 0.0))
-    step_size: float | None = None
+    """Wong et al.: one signed step of 1.25 eps (or the attack's step size) from a random start."""
+
+    attack: Attack = _NO_ATTACK
 
     def perturb(self, attack_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        step = 1.25 * self.threat.eps if self.step_size is None else self.step_size
-        return pgd(attack_model, x, y, self.threat, steps=1, step_size=step, random_start=True,
-                   use_best=False)
+        threat = self.attack.threat
+        step = 1.25 * threat.eps if self.attack.step_size is None else self.attack.step_size
+        return pgd(attack_model, x, y, threat, steps=1, step_size=step, random_start=True, use_best=False)
 
 
 @dataclass
 class FreeObjective(Objective):
-    """Free adversarial training: the model trains on x + delta, delta ascends on the same backward."""
+    """Free adversarial training: the model trains on x + delta, delta ascends on the same backward
+    (step eps, or the attack's step size)."""
 
-    threat: ThreatModel = field(default_factory=lambda: ThreatModel("linf", 0.0))
-    step_size: float | None = None
+    attack: Attack = _NO_ATTACK
     replays: int = 4
     _delta: torch.Tensor | None = field(default=None, repr=False)
     _x: torch.Tensor | None = field(default=None, repr=False)
@@ -89,15 +90,16 @@ class FreeObjective(Objective):
             self._delta = torch.zeros_like(x, dtype=torch.float32)
         self._delta = self._delta.to(x.device)
         self._x = x
-        self._x_adv = self.threat.project(x.float() + self._delta, x).requires_grad_(True)
+        self._x_adv = self.attack.threat.project(x.float() + self._delta, x).requires_grad_(True)
         logits = model(self._x_adv)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
 
     def after_backward(self) -> None:
         if self._x_adv is None or self._x_adv.grad is None:
             return
-        step = self.threat.eps if self.step_size is None else self.step_size
-        moved = self.threat.project(self.threat.step(self._x_adv.detach(), self._x_adv.grad, step), self._x)
+        threat = self.attack.threat
+        step = threat.eps if self.attack.step_size is None else self.attack.step_size
+        moved = threat.project(threat.step(self._x_adv.detach(), self._x_adv.grad, step), self._x)
         self._delta = (moved.float() - self._x.float()).detach()
         self._x_adv = None
 
@@ -108,22 +110,19 @@ class FreeObjective(Objective):
         self._delta = state.get("delta")
 
 
-def make_objective(method: str, threat: ThreatModel | None = None, attack_steps: int = 7,
-                   attack_step_size: float | None = None, random_start: bool = True,
-                   free_replays: int = 4, label_smoothing: float = 0.0) -> Objective:
-    """Build the objective for ``method`` (one of METHODS). eps = 0 makes any method standard."""
+def make_objective(method: str, attack: Attack | None = None, free_replays: int = 4,
+                   label_smoothing: float = 0.0) -> Objective:
+    """Build the objective for ``method`` (one of METHODS) around ``attack``. eps = 0 makes any method standard."""
     if method not in METHODS:
         raise RobustTransferError(f"unknown training method {method!r}: use one of {', '.join(METHODS)}")
-    if method == "standard" or threat is None or threat.eps == 0:
+    if method == "standard" or attack is None or attack.threat.eps == 0:
         return Objective(label_smoothing=label_smoothing)
     if method == "pgd":
-        if attack_steps < 1:
-            raise RobustTransferError(f"--attack-steps must be >= 1 for pgd training, got {attack_steps}")
-        return PGDObjective(label_smoothing=label_smoothing, threat=threat, steps=attack_steps,
-                            step_size=attack_step_size, random_start=random_start)
+        if attack.steps < 1:
+            raise RobustTransferError(f"--attack-steps must be >= 1 for pgd training, got {attack.steps}")
+        return PGDObjective(label_smoothing=label_smoothing, attack=attack)
     if method == "fgsm-rs":
-        return FGSMRSObjective(label_smoothing=label_smoothing, threat=threat, step_size=attack_step_size)
+        return FGSMRSObjective(label_smoothing=label_smoothing, attack=attack)
     if free_replays < 1:
         raise RobustTransferError(f"--free-replays must be >= 1, got {free_replays}")
-    return FreeObjective(label_smoothing=label_smoothing, threat=threat, step_size=attack_step_size,
-                         replays=free_replays)
+    return FreeObjective(label_smoothing=label_smoothing, attack=attack, replays=free_replays)

@@ -29,13 +29,13 @@ from ..models.stages import num_stages, replace_head
 from ..models.surgery import classifier_head
 from ..rundir import run_folder
 from ..runtime import resolve_device, resolve_precision, tune_malloc
-from ..threat import ThreatModel
 from .config import TransferConfig, recipe_of
 from .features import FeatureCache, extract_features, feature_extractor, model_content_hash
 from .finetune import FinetuneRecipe, finetune
 from .linear_probe import fit_linear_head
 from .metrics import score
 from .predict import predict
+from .record import Selection, SourceSummary, TargetSummary, TransferRecord
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,12 @@ class TransferResult:
 
     out_dir: Path
     model_path: Path
-    record: dict[str, Any]
+    record: TransferRecord
     model: nn.Module | None = field(default=None, repr=False)
 
     @property
     def test_score(self) -> float:
-        return self.record["test"]["score"]
+        return self.record.test_score
 
 
 def _concat(first, second):
@@ -77,7 +77,7 @@ def transfer(config: TransferConfig | None = None, *, model: nn.Module | None = 
 
     Returns the record: full configuration, the source's identity (content hash and metadata),
     the validation scores behind the chosen penalty or learning rate, the test score (top-1 or
-    mean per-class accuracy, as the protocol asks), robust accuracy when ``eval_eps`` > 0, timings.
+    mean per-class accuracy, as the protocol asks), robust accuracy under ``eval_attack``, timings.
 
     Fine-tuning (every mode but the fast fixed-feature protocol) writes a checkpoint per learning
     rate after every epoch into ``out_dir``/checkpoints/ and removes them once the result is
@@ -149,31 +149,25 @@ def _transfer(config: TransferConfig, out_dir: Path, device: torch.device, preci
                                                                device, precision, checkpoints, identity)
 
     robust = None
-    if config.eval_eps > 0:
+    if config.eval_attack is not None:
         robust = evaluate(model, sample_examples(data.test, config.eval_examples, config.seed),
-                          ThreatModel(config.eval_norm, config.eval_eps), steps=config.eval_steps,
-                          device=str(device), precision=precision, seed=config.seed,
-                          progress=config.progress).to_dict()
-    record = {
-        "config": config.recorded(),
-        "source": {"path": str(config.source), "content_sha256": source_hash, "arch": source.spec.arch,
-                   **{k: source.metadata.get(k) for k in ("threat", "source_data", "recipe", "accuracies")}},
-        "target": {"dataset": config.dataset, "num_classes": data.num_classes, "metric": data.metric,
-                   "image_size": data.image_size, "in_channels": data.in_channels,
-                   "sizes": {"train": len(train_set), "val": len(data.val), "test": len(data.test)}},
-        "mode": config.mode,
-        "protocol": config.protocol if config.mode == "fixed" else "finetune",
-        "selection": selection,
-        "test": {"score": test_score, "metric": data.metric},
-        "robust": robust,
-        "timings": {**timings, "total_s": time.perf_counter() - started},
-        "software": f"robust-transfer {__version__}",
-    }
+                          attack=config.eval_attack, device=str(device), precision=precision, seed=config.seed,
+                          progress=config.progress)
+    record = TransferRecord(
+        config=config.recorded(),
+        source=SourceSummary(str(config.source), source_hash, source.spec.arch,
+                             **{k: source.metadata.get(k) for k in ("threat", "source_data", "recipe", "accuracies")}),
+        target=TargetSummary(config.dataset, data.num_classes, data.metric, data.image_size, data.in_channels,
+                             {"train": len(train_set), "val": len(data.val), "test": len(data.test)}),
+        mode=config.mode, protocol=config.protocol if config.mode == "fixed" else "finetune", selection=selection,
+        test_score=test_score, robust=robust, timings={**timings, "total_s": time.perf_counter() - started},
+        software=f"robust-transfer {__version__}")
+    document = record.to_dict()
     metadata = {"threat": source.metadata.get("threat"), "source_data": source.metadata.get("source_data"),
-                "input_size": data.image_size, "transfer": {k: record[k] for k in ("mode", "target", "test")},
-                "source_sha256": source_hash, "software": record["software"]}
+                "input_size": data.image_size, "transfer": {k: document[k] for k in ("mode", "target", "test")},
+                "source_sha256": source_hash, "software": record.software}
     model_path = save_model(model.cpu(), out_dir / MODEL_NAME, metadata)
-    atomic_write_text(out_dir / RECORD_NAME, json.dumps(record, indent=2))
+    atomic_write_text(out_dir / RECORD_NAME, json.dumps(document, indent=2))
     shutil.rmtree(checkpoints, ignore_errors=True)  # the result is safe: they are no longer needed
     log.info("%s -> %s (%s): test %s %.4f", Path(config.source).name, config.dataset, config.mode, data.metric,
              test_score)
@@ -183,8 +177,8 @@ def _transfer(config: TransferConfig, out_dir: Path, device: torch.device, preci
 def _finished_result(out_dir: Path, config: TransferConfig, source_hash: str) -> TransferResult | None:
     """The result already in ``out_dir`` when it was computed with the same settings and source, else None."""
     try:
-        record = json.loads((out_dir / RECORD_NAME).read_text())
-        if recipe_of(record["config"]) != config.recipe() or record["source"]["content_sha256"] != source_hash:
+        record = TransferRecord.from_dict(json.loads((out_dir / RECORD_NAME).read_text()))
+        if recipe_of(record.config) != config.recipe() or record.source.content_sha256 != source_hash:
             return None
         model = load_model(out_dir / MODEL_NAME)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RobustTransferError):
@@ -226,8 +220,7 @@ def _fixed_fast(config: TransferConfig, source, source_hash: str, data, train_se
     with torch.no_grad():
         linear.weight.copy_(head.weight)
         linear.bias.copy_(head.bias)
-    selection = {"by": "penalty", "chosen": head.penalty,
-                 "val_scores": {f"{p:.3g}": s for p, s in sorted(head.val_scores.items())}}
+    selection = Selection("penalty", head.penalty, {f"{p:.3g}": s for p, s in sorted(head.val_scores.items())})
     return model, selection, test_score, timings
 
 
@@ -271,6 +264,5 @@ def _finetune_grid(config: TransferConfig, source, data, train_set, frozen: int,
         timings["finetune_s"] += info["seconds"]
     predictions, labels = predict(model, data.test, device, precision)
     test_score = score(predictions, labels, data.num_classes, data.metric)
-    selection = {"by": "lr", "chosen": lr, "val_scores": val_scores, "frozen_stages": frozen,
-                 "trainable_parameters": info["trainable_parameters"]}
+    selection = Selection("lr", lr, val_scores, frozen, info["trainable_parameters"])
     return model, selection, test_score, timings

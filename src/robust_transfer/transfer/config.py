@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..attack import Attack
+from ..config_flags import helped
 from ..errors import RobustTransferError
 from ..models.spec import check_options
-from ..parsing import parse_eps
 from ..runtime import PRECISIONS
 from .linear_probe import DEFAULT_PENALTIES
 
@@ -26,41 +28,59 @@ class TransferConfig:
     For ``fixed`` the ``fast`` protocol fits the head by L-BFGS on cached features over
     ``penalties``; the ``paper`` protocol trains it by SGD through the frozen network
     (150 epochs, lr in {0.01, 0.001}, x0.1 every 50 epochs, batch 64, weight decay 5e-4).
-    eps values are in [0, 1] pixel units. Fine-tuning checkpoints every epoch into
+    ``eval_attack`` (an `Attack`; eps in [0, 1] pixel units) measures robust accuracy after transfer
+    on ``eval_examples`` test examples. Fine-tuning checkpoints every epoch into
     ``out_dir``/checkpoints/; ``resume`` continues an interrupted run from there.
     """
 
     source: str = ""
-    source_arch: str | None = None      # the source file's architecture, when the file does not name it
-    source_options: dict = field(default_factory=dict)  # its timm / builder keyword arguments
-    dataset: str = "animal-mnist"
-    mode: str = "fixed"
-    out_dir: str = "runs/transfer"
-    data_root: str | None = None
-    protocol: str = "fast"
-    penalties: list[float] = field(default_factory=lambda: list(DEFAULT_PENALTIES))
-    epochs: int | None = None           # default: 10 for fine-tuning, 150 for the paper protocol
-    lrs: list[float] = field(default_factory=lambda: [0.01, 0.001])
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    refit: bool = True                  # retrain on train + validation with the chosen setting
-    hidden: list[int] = field(default_factory=list)
-    train_frozen_batchnorm: bool = False
-    image_size: int | None = None       # default: the source model's training size
-    augment: str | None = None
-    val_fraction: float = 0.1
-    train_examples: int | None = None
-    eval_norm: str = "l2"
-    eval_eps: float = 0.0               # > 0: also measure robust accuracy after transfer
-    eval_steps: int = 20
-    eval_examples: int | None = 1000
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    cache_dir: str | None = None        # default: ~/.cache/robust-transfer/features
-    progress: bool = True
-    resume: bool = False                # continue from out_dir's fine-tuning checkpoints (same settings)
+    source_arch: str | None = field(default=None, metadata=helped(
+        "the source's architecture when its file does not name it (e.g. timm:convnext_base)", flag="--arch"))
+    source_options: dict = field(default_factory=dict, metadata=helped(
+        "keyword argument of the source's timm architecture or builder, repeatable (NAME=VALUE)",
+        flag="--arch-option"))
+    dataset: str = field(default="animal-mnist", metadata=helped(
+        "target dataset name (as for pretrain; imagefolder for any train/ + val|test/ folder)", required=True))
+    mode: str = field(default="fixed", metadata=helped(
+        "fixed (new last layer on frozen features), full (fine-tune everything) or partial:K (freeze the first K "
+        "stages)"))
+    out_dir: str = field(default="runs/transfer", metadata=helped("where model.safetensors and result.json go"))
+    data_root: str | None = field(default=None, metadata=helped("folder holding the target dataset"))
+    protocol: str = field(default="fast", metadata=helped(
+        "fixed mode: fast = cached features + L-BFGS heads over --penalties chosen on validation; paper = SGD on "
+        "the head through the frozen network, 150 epochs, lr x0.1 every 50", choices=PROTOCOLS))
+    penalties: list[float] = field(default_factory=lambda: list(DEFAULT_PENALTIES), metadata=helped(
+        "L2 penalties tried by the fast protocol (default: 7 values from 1e-4 to 1)", nargs="+"))
+    epochs: int | None = field(default=None, metadata=helped("fine-tuning epochs (default: 10; paper: 150)"))
+    lrs: list[float] = field(default_factory=lambda: [0.01, 0.001], metadata=helped(
+        "learning rates tried, chosen on validation", nargs="+"))
+    batch_size: int = field(default=64, metadata=helped("fine-tuning batch size"))
+    momentum: float = field(default=0.9, metadata=helped("SGD momentum"))
+    weight_decay: float = field(default=5e-4, metadata=helped("weight decay"))
+    refit: bool = field(default=True, metadata=helped(
+        "do not retrain on train + validation with the chosen setting"))
+    hidden: list[int] = field(default_factory=list, metadata=helped("hidden layer widths of the new head"))
+    train_frozen_batchnorm: bool = field(default=False, metadata=helped(
+        "let frozen BatchNorm layers keep updating their running statistics (the paper's code did); by default "
+        "frozen layers, BatchNorm included, stay in eval mode"))
+    image_size: int | None = field(default=None, metadata=helped(
+        "resize target images to this side (default: the source model's training size; e.g. 32 for "
+        "low-resolution transfer)"))
+    augment: str | None = field(default=None, metadata=helped("crop-flip, crop, resized-crop-flip or none"))
+    val_fraction: float = field(default=0.1, metadata=helped("share of the training data held out for validation"))
+    train_examples: int | None = field(default=None, metadata=helped(
+        "use a seeded random N of the training examples"))
+    eval_attack: Attack | None = None   # also measure robust accuracy after transfer under this attack
+    eval_examples: int | None = field(default=1000, metadata=helped(
+        "test examples attacked to measure robust accuracy after transfer"))
+    precision: str = field(default="auto", metadata=helped("auto, bf16 or fp32"))
+    device: str = field(default="auto", metadata=helped("auto, cpu, cuda or cuda:N"))
+    seed: int = field(default=0, metadata=helped("seed of the splits, the new head and the data order"))
+    cache_dir: str | None = field(default=None, metadata=helped(
+        "feature cache (default: ~/.cache/robust-transfer/features)"))
+    progress: bool = field(default=True, metadata=helped("no progress bars"))
+    resume: bool = field(default=False, metadata=helped(
+        "continue an interrupted fine-tuning in --out-dir from its per-epoch checkpoints"))
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -73,7 +93,12 @@ class TransferConfig:
             raise RobustTransferError("--protocol paper applies to --mode fixed (the head through the frozen network)")
         if self.precision not in PRECISIONS:
             raise RobustTransferError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        self.eval_eps = parse_eps(self.eval_eps)
+        if isinstance(self.eval_attack, Mapping):  # read back from JSON (a study's store, a result record)
+            self.eval_attack = Attack.from_dict(self.eval_attack)
+        if self.eval_attack is not None and not isinstance(self.eval_attack, Attack):
+            raise RobustTransferError(f"eval_attack must be an Attack, got {type(self.eval_attack).__name__}")
+        if self.eval_attack is not None and self.eval_attack.threat.eps == 0:
+            self.eval_attack = None  # eps 0: nothing to attack
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise RobustTransferError(f"learning rates must be > 0, got {self.lrs}")
         if not self.penalties or any(p <= 0 for p in self.penalties):
@@ -100,7 +125,10 @@ class TransferConfig:
         return 150 if self.protocol == "paper" else 10
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready; the attack as `Attack.to_dict` writes it."""
+        out = dataclasses.asdict(self)
+        out["eval_attack"] = self.eval_attack.to_dict() if self.eval_attack is not None else None
+        return out
 
     def recorded(self) -> dict:
         """The configuration as result.json records it: all but ``resume``, so a resumed run records what an
