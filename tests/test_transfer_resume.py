@@ -101,4 +101,4 @@ def test_a_killed_transfer_resumes_to_the_uninterrupted_result(tmp_path, source)
     assert not (killed_dir / "checkpoints").exists()  # removed once the result was written
 
     again = transfer(**settings, out_dir=str(killed_dir), resume=True)  # finished: returned as it is
-    assert again.record == record
+    assert again.record.to_dict() == record

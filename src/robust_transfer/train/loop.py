@@ -1,4 +1,5 @@
-"""Robust pretraining: the one training loop, for every method, precision and process count."""
+"""Robust pretraining on the training engine: data parallelism, validation, metrics and the final test around
+`run_epoch`, for every method, precision and process count."""
 
 from __future__ import annotations
 
@@ -20,21 +21,15 @@ from ..errors import RobustTransferError
 from ..evaluation import EvalResult, evaluate
 from ..models import create_model, save_model
 from ..rundir import run_folder
-from ..runtime import prepare_batch, prepare_model, resolve_precision, tune_malloc
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from ..runtime import prepare_model, resolve_precision, tune_malloc
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
-from .distributed import (
-    DistributedContext,
-    all_reduce_sum,
-    gather_to_all,
-    init_distributed,
-    seed_process,
-    wrap_for_training,
-)
+from .distributed import DistributedContext, all_reduce_sum, init_distributed, seed_process, wrap_for_training
+from .engine import EpochTotals, TrainingState, run_epoch
 from .metrics import MetricsLog
 from .objectives import make_objective
 from .schedule import lr_multiplier
-from .step import NonFiniteLossError, train_step
+from .step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -132,46 +127,37 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
         config.schedule, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch),
         [m * steps_per_epoch for m in config.milestones]))
 
-    start_epoch, history = 0, []
+    training = TrainingState(model, optimizer, scheduler, objective)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        own = _own_state(state, context)
-        objective.load_state_dict(own.get("objective", {}))
-        restore_rng_state(own["rng"])
-        start_epoch, history = state["epoch"], state["history"]
+        training.restore(state, context)
         if context.is_main:
-            log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
+            log.info("resuming %s after epoch %d of %d", run_dir, training.epoch, config.epochs)
     else:
         seed_process(config.seed, context)
     model = prepare_model(model, context.device, precision)
     train_model = wrap_for_training(model, context)
 
-    metrics = MetricsLog(run_dir, start_epoch, enabled=context.is_main)
+    metrics = MetricsLog(run_dir, training.epoch, enabled=context.is_main)
     started = time.perf_counter()
     try:
-        for epoch in range(start_epoch, config.epochs):
-            summary = _run_epoch(config, context, precision, train_model, model, objective, optimizer,
-                                 scheduler, train_set, augment, epoch)
+        while training.epoch < config.epochs:
+            summary = _run_epoch(config, context, precision, training, train_model, train_set, augment)
             if context.is_main:
                 summary.update(_validate(config, model, val_set, precision, context))
-            # What differs between processes (random streams, free training's perturbation of each
-            # share) is saved for every rank, so a resumed torchrun run continues each one exactly.
-            # After validation: its data loader draws from rank 0's random stream.
-            ranks = gather_to_all({"objective": objective.state_dict(), "rng": rng_state()}, context)
+            training.epoch += 1
             if context.is_main:
-                history.append(summary)
+                training.history.append(summary)
                 metrics.write(summary)
-                save_checkpoint(run_dir / CHECKPOINT_NAME, {
-                    "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    **ranks[0], "ranks": ranks, "history": history,
-                })
+            # After validation: its data loader draws from rank 0's random stream.
+            checkpoint = training.checkpoint(context, config=config.to_dict())
+            if checkpoint is not None:
+                save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint)
+            if context.is_main:
                 log.info(_describe(summary, config.epochs))
             context.barrier()
     finally:
         metrics.close()
+    history = training.history
 
     test: EvalResult | None = None
     if context.is_main:
@@ -190,58 +176,42 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     return PretrainResult(run_dir, run_dir / MODEL_NAME, test, history, time.perf_counter() - started)
 
 
-def _own_state(state: dict[str, Any], context: DistributedContext) -> dict[str, Any]:
-    """This process's random stream and objective state from a checkpoint.
-
-    Checkpoints from before per-rank states, or from a run with another number of processes, give
-    every process rank 0's: the run continues, but not exactly as it would have.
-    """
-    ranks = state.get("ranks") or []
-    if len(ranks) == context.world_size:
-        return ranks[context.rank]
-    if context.is_main and context.active:
-        log.warning("the checkpoint was written by %d process(es), this run has %d: every process continues "
-                    "from rank 0's random state, so the result will differ slightly from an uninterrupted run",
-                    max(len(ranks), 1), context.world_size)
-    return {"objective": state.get("objective", {}), "rng": state["rng"]}
-
-
-def _run_epoch(config, context: DistributedContext, precision, train_model, model, objective, optimizer,
-               scheduler, train_set, augment, epoch) -> dict[str, Any]:
+def _run_epoch(config: PretrainConfig, context: DistributedContext, precision: str, training: TrainingState,
+                 train_model, train_set, augment) -> dict[str, Any]:
+    epoch = training.epoch
     batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                            augment=augment, rank=context.rank, world_size=context.world_size,
                            drop_last=True, num_workers=config.num_workers)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                disable=not (config.progress and context.is_main), dynamic_ncols=True)
     started = time.perf_counter()
-    for index, (x, y) in enumerate(bar):
-        x = prepare_batch(x, context.device, precision)
-        y = y.to(context.device)
-        for _replay in range(objective.replays):
-            try:
-                loss, logits = train_step(train_model, optimizer, objective, x, y, precision=precision,
-                                          device=context.device, attack_model=model)
-            except NonFiniteLossError as error:
-                last = f"epoch {epoch}" if epoch else "none yet, no epoch finished"
-                raise RobustTransferError(
-                    f"training stopped: {error} at epoch {epoch + 1}, batch {index + 1} of {len(batches)}; "
-                    f"the last good checkpoint ({last}) in {config.out_dir} is intact. "
-                    "Lower --lr or use --precision fp32, then --resume") from None
-            scheduler.step()
-        n = len(y)
-        totals += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
-        seen = totals[2].item() * context.world_size
-        bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}",
-                        img_s=f"{seen / (time.perf_counter() - started):.0f}")
+
+    def after_batch(index: int, loss: torch.Tensor) -> None:
+        bar.update()
+        if index % 10 == 0:  # reading the loss waits for the device: not on every batch
+            speed = (index + 1) * config.batch_size / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
+
+    def stopped(error: NonFiniteLossError, index: int) -> RobustTransferError:
+        last = f"epoch {epoch}" if epoch else "none yet, no epoch finished"
+        return RobustTransferError(
+            f"training stopped: {error} at epoch {epoch + 1}, batch {index + 1} of {len(batches)}; "
+            f"the last good checkpoint ({last}) in {config.out_dir} is intact. "
+            "Lower --lr or use --precision fp32, then --resume")
+
+    try:
+        totals = run_epoch(training, batches, device=context.device, precision=precision, train_model=train_model,
+                           after_batch=after_batch, stopped=stopped)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - started
-    totals = all_reduce_sum(totals, context)
+    seen = EpochTotals.of(all_reduce_sum(totals, context))
     return {
         "epoch": epoch + 1,
-        "train_loss": totals[0].item() / totals[2].item(),
-        "train_acc": totals[1].item() / totals[2].item(),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": totals[2].item() * objective.replays / seconds,
+        "train_loss": seen.loss / seen.examples,
+        "train_acc": seen.correct / seen.examples,
+        "lr": training.optimizer.param_groups[0]["lr"],
+        "images_per_s": seen.examples * training.objective.replays / seconds,
         "seconds": seconds,
     }
 

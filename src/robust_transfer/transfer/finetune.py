@@ -1,5 +1,6 @@
-"""Fine-tuning a source model with a new head: full network, partial (first K stages frozen), or
-the head alone through the frozen network (the paper's fixed-feature protocol).
+"""Fine-tuning a source model with a new head on the training engine: full network, partial (first K stages
+frozen, their BatchNorm kept in eval mode), or the head alone through the frozen network (the paper's
+fixed-feature protocol).
 
 With a ``checkpoint`` path, the state after every epoch (weights, optimiser, schedule, random
 state) is written there atomically, with `robust_transfer.train.checkpoint`'s helpers; a
@@ -25,11 +26,12 @@ from tqdm.auto import tqdm
 from ..data import make_batches
 from ..errors import RobustTransferError
 from ..models.stages import FrozenInfo, freeze_stages, set_train_mode
-from ..runtime import prepare_batch, prepare_model
-from ..train.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from ..runtime import prepare_model
+from ..train.checkpoint import load_checkpoint, save_checkpoint
+from ..train.engine import TrainingState, run_epoch
 from ..train.objectives import Objective
 from ..train.schedule import lr_multiplier
-from ..train.step import NonFiniteLossError, train_step
+from ..train.step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -85,49 +87,43 @@ def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.
     total = recipe.epochs * steps_per_epoch
     milestones = [total // 3, 2 * total // 3] if recipe.schedule == "step" else []
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe.schedule, total, 0, milestones))
-    objective = Objective()
-    train_mode = lambda m: set_train_mode(m, True, info)
     torch.manual_seed(recipe.seed)
     identity = {"recipe": dataclasses.asdict(recipe), **(identity or {})}
     state = _resume_state(checkpoint, identity) if checkpoint is not None else None
-    start_epoch, earlier_seconds = 0, 0.0
+    training = TrainingState(model, optimizer, scheduler, Objective())
+    earlier_seconds = 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        if state["epoch"] < recipe.epochs:  # a finished one keeps no optimiser state: it will not step again
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        start_epoch, earlier_seconds = state["epoch"], state["seconds"]
-        log.info("%s: continuing after epoch %d of %d from %s", description, start_epoch, recipe.epochs, checkpoint)
+        training.restore(state)
+        earlier_seconds = state["seconds"]
+        log.info("%s: continuing after epoch %d of %d from %s", description, training.epoch, recipe.epochs,
+                 checkpoint)
     started = time.perf_counter()
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=description, unit="step", leave=False,
+    bar = tqdm(total=total, initial=training.epoch * steps_per_epoch, desc=description, unit="step", leave=False,
                disable=not progress)
-    for epoch in range(start_epoch, recipe.epochs):
-        for x, y in make_batches(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
-                                 augment=recipe.augment, drop_last=True):
-            try:
-                loss, _ = train_step(model, optimizer, objective, prepare_batch(x, device, precision), y.to(device),
-                                     precision=precision, device=device, train_mode=train_mode)
-            except NonFiniteLossError as error:
-                kept = f"; its last finished epoch stays in {checkpoint}" if checkpoint is not None else ""
-                raise RobustTransferError(f"fine-tuning stopped: {error} in epoch {epoch + 1} at lr {recipe.lr}; "
-                                          f"try a smaller learning rate{kept}") from None
-            scheduler.step()
-            bar.update()
+
+    def after_batch(index: int, loss: torch.Tensor) -> None:
+        bar.update()
+        if index % 10 == 0:  # reading the loss waits for the device: not on every batch
             bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    while training.epoch < recipe.epochs:
+        epoch = training.epoch
+
+        def stopped(error: NonFiniteLossError, index: int, epoch: int = epoch) -> RobustTransferError:
+            kept = f"; its last finished epoch stays in {checkpoint}" if checkpoint is not None else ""
+            return RobustTransferError(f"fine-tuning stopped: {error} in epoch {epoch + 1} at lr {recipe.lr}; "
+                                       f"try a smaller learning rate{kept}")
+
+        batches = make_batches(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
+                               augment=recipe.augment, drop_last=True)
+        run_epoch(training, batches, device=device, precision=precision,
+                  train_mode=lambda m: set_train_mode(m, True, info), after_batch=after_batch, stopped=stopped)
+        training.epoch += 1
         if checkpoint is not None:
-            _save(checkpoint, identity, epoch + 1, recipe.epochs, model, optimizer, scheduler,
-                  earlier_seconds + time.perf_counter() - started)
+            save_checkpoint(checkpoint, training.checkpoint(
+                finished=training.epoch == recipe.epochs, identity=identity,
+                seconds=earlier_seconds + time.perf_counter() - started))
     bar.close()
     model.eval()
     return model, {"seconds": earlier_seconds + time.perf_counter() - started,
                    "trainable_parameters": info.trainable, "frozen_parameters": info.frozen}
-
-
-def _save(path: Path, identity: dict[str, Any], epoch: int, epochs: int, model: nn.Module, optimizer, scheduler,
-          seconds: float) -> None:
-    state = {"identity": identity, "epoch": epoch, "model": model.state_dict(), "rng": rng_state(),
-             "seconds": seconds}
-    if epoch < epochs:  # only an unfinished fine-tuning needs the optimiser again: finished checkpoints stay small
-        state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-    save_checkpoint(path, state)
