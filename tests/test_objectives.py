@@ -72,12 +72,13 @@ def _train(method: str, attack: Attack, x: torch.Tensor, y: torch.Tensor) -> nn.
     return model.eval()
 
 
-def test_adversarial_training_beats_standard_training_under_attack(separable_data):
+@pytest.mark.parametrize("method", ["pgd", "fgsm-rs", "free"])
+def test_adversarial_training_beats_standard_training_under_attack(separable_data, method):
     x, y = separable_data
     train, test = slice(0, 192), slice(192, 256)
     attack = Attack(ThreatModel("linf", 0.08), steps=10)
     standard = _train("standard", attack, x[train], y[train])
-    robust = _train("pgd", attack, x[train], y[train])
+    robust = _train(method, attack, x[train], y[train])
     standard_result = evaluate(standard, (x[test], y[test]), attack=attack)
     robust_result = evaluate(robust, (x[test], y[test]), attack=attack)
     assert standard_result.clean_acc > 0.9 and robust_result.clean_acc > 0.9  # both learned the task

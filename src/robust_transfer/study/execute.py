@@ -30,7 +30,7 @@ def describe_error(error: BaseException) -> str:
 def _pretrain(config: dict[str, Any]) -> dict[str, Any]:
     from ..train import PretrainConfig, pretrain
 
-    return pretrain(PretrainConfig.from_dict(config["pretrain"])).to_dict()
+    return pretrain(PretrainConfig.from_dict(config["pretrain"])).summary()
 
 
 def _evaluate(config: dict[str, Any]) -> dict[str, Any]:

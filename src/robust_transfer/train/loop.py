@@ -53,8 +53,15 @@ class PretrainResult:
                 "test": self.test.to_dict() if self.test is not None else None, "history": self.history,
                 "seconds": self.seconds}
 
+    def summary(self) -> dict[str, Any]:
+        """`to_dict` with the epoch count for the per-epoch history (which stays in the run's results.json)."""
+        document = self.to_dict()
+        document["epochs"] = len(document.pop("history"))
+        return document
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PretrainResult:
+        """Read what `to_dict` (or `summary`, then without history) wrote."""
         return cls(Path(data["run_dir"]), Path(data["model_path"]),
                    EvalResult.from_dict(data["test"]) if data.get("test") else None, data.get("history", []),
                    float(data.get("seconds", 0.0)))
