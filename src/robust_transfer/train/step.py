@@ -32,7 +32,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Ob
     else:
         train_mode(model)
     with autocast(precision, device):
-        loss, logits = objective.loss(model, attack_model or model, x, y)
+        loss, logits = objective.loss(model, attack_model if attack_model is not None else model, x, y)
     if not torch.isfinite(loss):
         # Checked before the update so the weights (and any checkpoint of them) stay finite.
         raise NonFiniteLossError(f"the loss became {loss.item()}")
