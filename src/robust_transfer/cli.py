@@ -17,7 +17,7 @@ from .zoo_cli import add_arch_option_argument, add_zoo_parser
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .train import PretrainConfig, pretrain
+    from .train import pretrain
 
     result = pretrain(PretrainConfig.from_dict(config_values(PretrainConfig, args)))
     if result.test is not None:
