@@ -146,7 +146,8 @@ def describe(name: str, model_dir: str | os.PathLike[str] | None = None) -> dict
         )
     info: dict[str, Any] = {"name": entry.name if entry is not None else name, "model_dir": str(directory)}
     if entry is not None:
-        info.update({k: v for k, v in asdict(entry).items() if k != "name"})
+        info.update({k: v for k, v in asdict(entry).items() if k not in ("name", "normalization")})
+        info["normalization"] = {"mean": list(entry.normalization[0]), "std": list(entry.normalization[1])}
         info["threat"] = entry.threat
         info["released_path"] = str(directory / entry.filename)
         info["paper"] = entry.source

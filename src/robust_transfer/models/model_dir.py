@@ -16,7 +16,7 @@ from typing import Any
 from ..atomic import atomic_write_text, file_lock
 from ..errors import RobustTransferError
 from .foreign import load_foreign
-from .manifest import PAPER, ZooEntry, zoo_entry
+from .manifest import ZooEntry, zoo_entry
 from .model_file import check_given_stats, load_saved
 from .normalization import NormalizedModel
 from .spec import Stats
@@ -91,8 +91,8 @@ def status(name: str, model_dir: str | os.PathLike[str] | None = None,
 def placement_error(entry: ZooEntry, directory: Path) -> RobustTransferError:
     return RobustTransferError(
         f"zoo model {entry.name} is not in the local model directory {directory}: place the released file "
-        f"{entry.filename} ({PAPER}) at {directory / entry.filename}, or convert a copy with: robust-transfer zoo "
-        f"import FILE --name {entry.name}"
+        f"{entry.filename} ({entry.source}) at {directory / entry.filename}, or convert a copy with: "
+        f"robust-transfer zoo import FILE --name {entry.name}"
     )
 
 

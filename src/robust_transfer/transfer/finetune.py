@@ -106,15 +106,13 @@ def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.
         if index % 10 == 0:  # reading the loss waits for the device: not on every batch
             bar.set_postfix(loss=f"{loss.item():.3f}")
 
+    def stopped(error: NonFiniteLossError, index: int) -> RobustTransferError:
+        kept = f"; its last finished epoch stays in {checkpoint}" if checkpoint is not None else ""
+        return RobustTransferError(f"fine-tuning stopped: {error} in epoch {training.epoch + 1} at lr {recipe.lr}; "
+                                   f"try a smaller learning rate{kept}")
+
     while training.epoch < recipe.epochs:
-        epoch = training.epoch
-
-        def stopped(error: NonFiniteLossError, index: int, epoch: int = epoch) -> RobustTransferError:
-            kept = f"; its last finished epoch stays in {checkpoint}" if checkpoint is not None else ""
-            return RobustTransferError(f"fine-tuning stopped: {error} in epoch {epoch + 1} at lr {recipe.lr}; "
-                                       f"try a smaller learning rate{kept}")
-
-        batches = make_batches(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
+        batches = make_batches(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, epoch=training.epoch,
                                augment=recipe.augment, drop_last=True)
         run_epoch(training, batches, device=device, precision=precision,
                   train_mode=lambda m: set_train_mode(m, True, info), after_batch=after_batch, stopped=stopped)
