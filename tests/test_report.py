@@ -161,7 +161,7 @@ def test_markdown_prints_what_was_measured(report):
     assert ("Fixed-feature transfer: robust sources win on 1 of 1 dataset: the best robust source transfers "
             "better on cifar10; not compared (one side has no runs): pets.") in text
     assert "| -2.50 points | standard |" in text and "no standard source" in text
-    assert "robust acc after transfer (robust / standard source)" in text
+    assert "robust acc after transfer (robust / standard source) under l2(eps=0.5)" in text  # names the attack
     assert "| resnet18-eps0.5 | resnet18 | robust (eps 0.5) | l2 | 85.00% | 35.00% | l2(eps=0.5) |" in text
     assert "![accuracy_vs_eps.png](accuracy_vs_eps.png)" in text
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .attack import Attack, eval_mode
+from .autoattack import perturb
 from .errors import RobustTransferError
 from .runtime import autocast, prepare_batch, resolve_device, resolve_precision
 
@@ -125,7 +126,7 @@ def accuracy(
             clean_ok = clean_pred == y
             correct_clean += int(clean_ok.sum())
             if attack is not None:
-                x_adv = attack(model, x, y, generator=generator)
+                x_adv = perturb(attack, model, x, y, generator=generator, seed=seed, progress=progress)
                 with eval_mode(model), torch.no_grad():
                     adv_ok = model(x_adv).argmax(dim=1) == y
                 correct_robust += int((clean_ok & adv_ok).sum())

@@ -143,8 +143,14 @@ def fgsm(
                random_start=random_start, targeted=targeted, loss_fn=loss_fn, use_best=False)
 
 
-ATTACK_KINDS = ("pgd",)
-"""The attacks an `Attack` value can name (evaluation with AutoAttack's attacks comes with its own kinds)."""
+ATTACK_KINDS = ("pgd", "autoattack", "apgd", "apgd-ce", "apgd-t", "square")
+"""The attacks an `Attack` value can name: our PGD (training and evaluation), and AutoAttack (APGD-CE, APGD-T,
+FAB-T, Square), its fast part ``apgd`` (APGD-CE + APGD-T) or one of its attacks alone, for evaluation
+(`robust_transfer.autoattack.perturb`)."""
+APGD_STEPS = 100
+"""AutoAttack's reference iterations for APGD and FAB: the default ``steps`` of its kinds."""
+_KIND_NAMES = {"pgd": "PGD", "autoattack": "AutoAttack", "apgd": "APGD-CE + APGD-T", "apgd-ce": "APGD-CE",
+               "apgd-t": "APGD-T", "square": "Square"}
 
 
 @dataclass(frozen=True)
@@ -153,8 +159,10 @@ class Attack:
 
     ``steps`` PGD steps of ``step_size`` (pixel units; default 2.5 * eps / steps) from a random start in
     the ball (``random_start``), repeated from ``restarts`` more random starts, keeping per example the
-    worst case over all runs. ``kind`` names the attack. Evaluation, the gradient-masking checks, the
-    training objectives, both run configurations and the study spec all take this one value.
+    worst case over all runs. ``kind`` names the attack (`ATTACK_KINDS`); for AutoAttack's kinds ``steps``
+    are APGD's and FAB's iterations (100 in the reference) and ``restarts`` extra restarts of each.
+    Evaluation, the gradient-masking checks, the training objectives, both run configurations and the
+    study spec all take this one value.
     """
 
     threat: ThreatModel
@@ -184,7 +192,13 @@ class Attack:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, use_best: bool = True,
                  generator: torch.Generator | None = None, loss_fn: LossFn | None = None,
                  targeted: bool = False) -> torch.Tensor:
-        """Adversarial examples for ``x`` (in the ball and the [0, 1] box); ``use_best=False`` for training."""
+        """PGD adversarial examples for ``x`` (in the ball and the [0, 1] box); ``use_best=False`` for training.
+
+        Every kind is run by `robust_transfer.autoattack.perturb`; this runs the PGD kind only.
+        """
+        if self.kind != "pgd":
+            raise RobustTransferError(f"{self.describe()} is an evaluation attack: run it with "
+                                      "robust_transfer.autoattack.perturb (evaluate does)")
         return pgd(model, x, y, self.threat, steps=self.steps, step_size=self.step_size,
                    random_start=self.random_start, restarts=self.restarts, targeted=targeted, loss_fn=loss_fn,
                    use_best=use_best, generator=generator)
@@ -195,7 +209,8 @@ class Attack:
 
     def describe(self) -> str:
         """E.g. ``"PGD-20, l2 eps 1 (2 restarts)"``: how a report names the robust number it produced."""
-        text = f"{self.kind.upper()}-{self.steps}, {self.threat.norm} eps {self.threat.eps:g}"
+        name = f"PGD-{self.steps}" if self.kind == "pgd" else f"{_KIND_NAMES[self.kind]} ({self.steps} steps)"
+        text = f"{name}, {self.threat.norm} eps {self.threat.eps:g}"
         return text + (f" ({self.restarts} restarts)" if self.restarts else "")
 
     def to_dict(self) -> dict[str, Any]:

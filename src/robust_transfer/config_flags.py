@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import MISSING
 from typing import Any
 
-from .attack import Attack
+from .attack import APGD_STEPS, ATTACK_KINDS, Attack
 from .parsing import parse_eps, parse_options
 
 
@@ -99,10 +99,15 @@ def add_attack_flags(parser: argparse.ArgumentParser, prefix: str = "", steps: i
     """``--{prefix}norm``, ``--{prefix}eps``, ``--{prefix}steps`` (and with ``more`` ``--{prefix}step-size``,
     ``--{prefix}restarts``): the settings of one `Attack`, read back by `attack_from_flags`."""
     dest = prefix.replace("-", "_")
+    parser.add_argument(f"--{prefix}attack", dest=f"{dest}attack", default="pgd", choices=ATTACK_KINDS,
+                        help=f"{what}: pgd, autoattack (APGD-CE, APGD-T, FAB-T, Square: what RobustBench reports), "
+                             "apgd (APGD-CE + APGD-T, the fast part) or one of AutoAttack's attacks")
     parser.add_argument(f"--{prefix}norm", dest=f"{dest}norm", default="l2", help=f"norm of {what}: l2 or linf")
     parser.add_argument(f"--{prefix}eps", dest=f"{dest}eps", default=None,
                         help=f"radius of {what} in [0,1] pixel units, e.g. 1.0 or 8/255 (none: no attack)")
-    parser.add_argument(f"--{prefix}steps", dest=f"{dest}steps", type=int, default=steps, help=f"PGD steps of {what}")
+    parser.add_argument(f"--{prefix}steps", dest=f"{dest}steps", type=int, default=None,
+                        help=f"steps of {what} (default: {steps} for pgd, {APGD_STEPS} for AutoAttack's attacks)")
+    parser.set_defaults(**{f"{dest}default_steps": steps})
     if more:
         parser.add_argument(f"--{prefix}step-size", dest=f"{dest}step_size", default=None,
                             help=f"step size of {what} in pixel units (default: 2.5*eps/steps)")
@@ -117,6 +122,9 @@ def attack_from_flags(args: argparse.Namespace, prefix: str = "") -> Attack | No
     if eps is None or parse_eps(eps) == 0:
         return None
     step_size = getattr(args, f"{dest}step_size", None)
-    return Attack.of(getattr(args, f"{dest}norm"), eps, steps=getattr(args, f"{dest}steps"),
-                     restarts=getattr(args, f"{dest}restarts", 0),
-                     step_size=parse_eps(step_size) if step_size else None)
+    kind = getattr(args, f"{dest}attack")
+    steps = getattr(args, f"{dest}steps")
+    if steps is None:
+        steps = getattr(args, f"{dest}default_steps") if kind == "pgd" else APGD_STEPS
+    return Attack.of(getattr(args, f"{dest}norm"), eps, steps=steps, restarts=getattr(args, f"{dest}restarts", 0),
+                     step_size=parse_eps(step_size) if step_size else None, kind=kind)

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from .accuracy import accuracy, eval_batches, limited
 from .attack import Attack, eval_mode, per_example_cross_entropy
+from .autoattack import perturb
 from .data import sample_examples
 from .errors import RobustTransferError
 from .runtime import resolve_device
@@ -40,6 +41,8 @@ RANDOM_START_GAP = 0.05
 MORE_STEPS_GAP = 0.05
 STEPS_FACTOR = 5
 ZERO_GRADIENT_MAX_FRACTION = 0.10
+GRADIENT_FREE_GAP = 0.05  # a gradient-free attack may not beat the gradient attack by more than this
+GRADIENT_FREE_QUERIES = 1000  # Square's budget in the check (AutoAttack itself uses 5,000)
 DEFAULT_EXAMPLES = 256
 
 
@@ -59,6 +62,8 @@ class MaskingMeasurements:
     more_steps: int
     more_steps_acc: float | None  # at eps with ``more_steps`` steps (None: not measured)
     zero_gradient_fraction: float  # share of examples whose loss gradient w.r.t. the input is exactly zero
+    gradient_free_acc: float | None = None  # at eps under Square, which needs no gradient (None: not measured)
+    attack: str = "the attack"  # how the asked attack is named in the warnings
 
 
 def _pct(value: float) -> str:
@@ -109,6 +114,14 @@ def judge(m: MaskingMeasurements, threat: ThreatModel) -> list[str]:
             f"the attack has not converged: {m.more_steps} steps give robust accuracy {_pct(m.more_steps_acc)} "
             f"against {_pct(m.by_eps[m.eps])} with {steps} {subset}. Use more steps (at least {m.more_steps}) "
             "so the reported number is not an overestimate.")
+
+    # Against the longer attack too: a gap that more steps close is an unconverged attack (above), not masking.
+    gradient_acc = min(a for a in (m.by_eps[m.eps], m.more_steps_acc) if a is not None)
+    if m.gradient_free_acc is not None and gradient_acc - m.gradient_free_acc > GRADIENT_FREE_GAP:
+        warnings.append(
+            f"likely gradient masking: Square, an attack that uses no gradient, leaves {_pct(m.gradient_free_acc)} "
+            f"correct where {m.attack} leaves {_pct(gradient_acc)} {subset}; the gradient misleads the attack. "
+            "Report robust accuracy under AutoAttack (--attack autoattack), which includes Square.")
 
     if m.zero_gradient_fraction > ZERO_GRADIENT_MAX_FRACTION:
         warnings.append(
@@ -198,10 +211,18 @@ def measure(
     # with a fixed step size the longer attack walks 5x as far.
     more = acc(threat.eps, n_steps=longer) if more_steps else None
     zero = _zero_gradient_fraction(model, x, y, torch_device, batch_size)
+    gradient_free = None
+    if attack.kind not in ("autoattack", "square"):  # those already include Square
+        x_device, y_device = x.to(torch_device), y.to(torch_device)
+        x_square = perturb(attack.replace(kind="square"), model, x_device, y_device, seed=seed,
+                           square_queries=GRADIENT_FREE_QUERIES)
+        with eval_mode(model), torch.no_grad():
+            clean_ok = model(x_device).argmax(1) == y_device
+            gradient_free = float((clean_ok & (model(x_square).argmax(1) == y_device)).float().mean())
     return MaskingMeasurements(
         n=len(y), clean_acc=clean, eps=threat.eps, by_eps=by_eps, unbounded_eps=big, unbounded_acc=unbounded,
         no_random_start_acc=without_rs, random_start_acc=with_rs, steps=steps, more_steps=longer,
-        more_steps_acc=more, zero_gradient_fraction=zero)
+        more_steps_acc=more, zero_gradient_fraction=zero, gradient_free_acc=gradient_free, attack=attack.describe())
 
 
 def masking_checks(model: nn.Module, data, attack: Attack, **settings: Any) -> list[str]:

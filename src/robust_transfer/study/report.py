@@ -110,7 +110,7 @@ def _verdict(mode: str, rows: list[Table1Row]) -> str:
             f"{_plural(len(compared), 'dataset')}: {'; '.join(parts)}.")
 
 
-def _table1_blocks(rows: list[Table1Row]) -> list[tuple]:
+def _table1_blocks(rows: list[Table1Row], attacks: list[str]) -> list[tuple]:
     blocks: list[tuple] = [
         ("h", 2, "Table 1: best robust vs best standard source"),
         ("p", "Per dataset and mode, the source model and hyperparameters with the highest mean validation score "
@@ -123,7 +123,8 @@ def _table1_blocks(rows: list[Table1Row]) -> list[tuple]:
                               for row in in_mode for side in (row.best_robust, row.best_standard))
         header = ["dataset", "metric", "best robust source", "eps", "robust test", "best standard source",
                   "standard test", "robust − standard", "better"]
-        header += ["robust acc after transfer (robust / standard source)"] if robust_measured else []
+        under = f" under {', '.join(attacks)}" if attacks else ""
+        header += [f"robust acc after transfer (robust / standard source){under}"] if robust_measured else []
         table = []
         for row in in_mode:
             cells = [row.dataset, row.metric, _source(row.best_robust, "robust"), _eps(row.best_robust),
@@ -289,7 +290,8 @@ def write_report(transfers: list[TransferOutcome], sources: list[SourceOutcome],
         else:
             (out / filename).unlink(missing_ok=True)
             written[name] = None
-    blocks = [("h", 1, title), ("p", _summary(transfers, sources)), *_table1_blocks(rows),
+    attacks = sorted({run.robust_threat for run in transfers if run.robust_threat})  # which attack made each number
+    blocks = [("h", 1, title), ("p", _summary(transfers, sources)), *_table1_blocks(rows, attacks),
               *_sources_blocks(sources), *_arch_blocks(transfers), *_plot_blocks(plots)]
     return ReportFiles(
         markdown=_write(out / "report.md", render_markdown(blocks)),

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..attack import Attack
+from ..attack import APGD_STEPS, Attack
 from ..errors import RobustTransferError
 from ..parsing import parse_eps
 from ..train import PretrainConfig
@@ -56,7 +56,7 @@ else:  # pragma: no cover
 TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "grid")
 SOURCE_KEYS = ("label", "zoo", "file", "pretrain", "eps")
 TARGET_KEYS = ("dataset", "data_root", "label")
-THREAT_KEYS = ("norm", "eps", "steps", "step_size", "restarts", "examples")
+THREAT_KEYS = ("attack", "norm", "eps", "steps", "step_size", "restarts", "examples")
 # Transfer settings a study decides itself: the source, where the run writes, what is shared.
 STUDY_OWNED = ("source", "out_dir", "cache_dir", "progress", "dataset", "data_root", "mode", "seed", "resume",
                "eval_attack", "eval_examples")
@@ -255,9 +255,10 @@ def _targets(raw: Any, check: _Checker) -> tuple[Target, ...]:
 
 def _threat(raw: Any, check: _Checker) -> Threat:
     check.only(raw, THREAT_KEYS, "threat")
-    settings = {k: v for k, v in raw.items() if k != "examples"}
+    settings = {("kind" if k == "attack" else k): v for k, v in raw.items() if k != "examples"}
     try:
-        attack = Attack.from_dict({"steps": 20, **settings})
+        default_steps = 20 if settings.get("kind", "pgd") == "pgd" else APGD_STEPS
+        attack = Attack.from_dict({"steps": default_steps, **settings})
         examples = int(raw.get("examples", 500))
     except (RobustTransferError, ValueError, TypeError) as error:
         raise check.fail("threat", str(error)) from None
