@@ -10,13 +10,14 @@ import torch
 import torchattacks
 from torch import nn
 
-from robust_transfer import Attack, ThreatModel, evaluate, load_dataset
+from robust_transfer import Attack, ThreatModel, evaluate, load_dataset, transfer, with_normalization
 from robust_transfer.autoattack import perturb
 from robust_transfer.cli import main
 from robust_transfer.study.plan import plan_runs
 from robust_transfer.study.spec import load_spec
 from tests.test_reliability import Quantised
 from tests.test_study import TINY_SPEC, write_spec
+from tests.user_models import TinyCNN
 
 THREATS = [ThreatModel("linf", 8 / 255), ThreatModel("l2", 0.5)]
 
@@ -106,3 +107,15 @@ def test_the_masking_checks_flag_a_model_that_survives_pgd_but_not_square(linear
     assert "Square, an attack that uses no gradient, leaves" in text and "--attack autoattack" in text
     healthy = evaluate(linear_model, separable_data, ThreatModel("linf", 0.08), masking_check=True)
     assert not any("Square" in warning for warning in healthy.warnings)
+
+
+def test_robust_accuracy_after_transfer_under_autoattack(tmp_path, digits_model):
+    model, x, y = digits_model
+    threat = ThreatModel("linf", 8 / 255)
+    by_name = evaluate(model, (x[:50], y[:50]), threat, attack="apgd")  # the spelling
+    assert by_name.attack == "APGD-CE + APGD-T (100 steps), linf eps 0.0313725"
+    source = with_normalization(TinyCNN(), 0.5, 0.25, builder="tests.user_models:tiny_cnn")
+    result = transfer(model=source, dataset="digits", mode="fixed", eval_attack=Attack(threat, steps=5, kind="apgd"),
+                      eval_examples=32, out_dir=str(tmp_path / "t"), cache_dir=str(tmp_path / "cache"), progress=False)
+    robust = result.record.robust
+    assert robust.attack.startswith("APGD-CE + APGD-T (5 steps)") and robust.robust_acc <= robust.clean_acc

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .accuracy import EvalData, EvalResult, accuracy
-from .attack import Attack
+from .attack import APGD_STEPS, Attack
 from .data import load_dataset, sample_examples
 from .errors import RobustTransferError
 from .masking import DEFAULT_EXAMPLES, masking_checks
@@ -38,12 +38,14 @@ def evaluate(
     progress: bool = False,
     seed: int = 0,
     masking_check: bool = False,
-    attack: Attack | None = None,
+    attack: Attack | str | None = None,
 ) -> EvalResult:
     """Clean accuracy and, given ``threat`` or ``attack``, accuracy under a PGD attack of ``steps`` steps.
 
     ``attack`` (an `Attack` value) replaces ``threat``, ``steps``, ``step_size``, ``restarts`` and
-    ``random_start``, which build one when it is not given.
+    ``random_start``, which build one when it is not given; the name of a kind (``"autoattack"``,
+    ``"apgd"``, ...) with a ``threat`` builds that attack (at AutoAttack's 100 iterations unless ``steps``
+    says otherwise).
 
     ``data`` is a DataLoader, a Dataset or an ``(images, labels)`` pair; images in [0, 1].
     ``precision`` is ``"fp32"`` (the reference) or ``"bf16"``/``"auto"`` (faster on AMX CPUs and
@@ -53,6 +55,12 @@ def evaluate(
     examples (:func:`robust_transfer.masking.masking_checks`, about 10x the cost of evaluating
     256 examples); their warnings go to ``EvalResult.warnings`` and to the log.
     """
+    if isinstance(attack, str):
+        if threat is None:
+            raise RobustTransferError(f"attack={attack!r} needs a threat model (threat=ThreatModel(norm, eps))")
+        kind_steps = steps if attack == "pgd" or steps != 20 else APGD_STEPS  # 20: the signature's default
+        attack, threat = Attack(threat, steps=kind_steps, step_size=step_size, restarts=restarts,
+                                random_start=random_start, kind=attack), None
     if attack is None and threat is not None:
         attack = Attack(threat, steps=steps, step_size=step_size, restarts=restarts, random_start=random_start)
     elif attack is not None and threat is not None:
