@@ -311,9 +311,11 @@ def test_pretrain_and_transfer_a_timm_architecture_from_the_command_line(tmp_pat
     assert (model.spec.arch, model.spec.options) == (VIT, {"patch_size": 2, "img_size": 8})  # the data's size
     assert main(["transfer", str(run / "model.safetensors"), "--dataset", "digits", "--mode", "partial:3",
                  "--epochs", "1", "--lrs", "0.05", "--no-refit", "--train-examples", "128", "--no-progress",
-                 "--precision", "fp32", "--out-dir", str(tmp_path / "transfer")]) == 0
+                 "--precision", "fp32", "--eval-attack", "apgd", "--eval-norm", "linf", "--eval-eps", "4/255",
+                 "--eval-steps", "2", "--eval-examples", "16", "--out-dir", str(tmp_path / "transfer")]) == 0
     record = json.loads((tmp_path / "transfer" / "result.json").read_text())
     assert record["selection"]["frozen_stages"] == 3 and record["source"]["arch"] == VIT
+    assert record["robust"]["attack"] == "APGD-CE + APGD-T (2 steps), linf eps 0.0156863"
     capsys.readouterr()
 
 

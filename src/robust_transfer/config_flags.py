@@ -99,7 +99,7 @@ def add_attack_flags(parser: argparse.ArgumentParser, prefix: str = "", steps: i
     """``--{prefix}norm``, ``--{prefix}eps``, ``--{prefix}steps`` (and with ``more`` ``--{prefix}step-size``,
     ``--{prefix}restarts``): the settings of one `Attack`, read back by `attack_from_flags`."""
     dest = prefix.replace("-", "_")
-    parser.add_argument(f"--{prefix}attack", dest=f"{dest}attack", default="pgd", choices=ATTACK_KINDS,
+    parser.add_argument(f"--{prefix}attack", dest=f"{dest}attack_kind", default="pgd", choices=ATTACK_KINDS,
                         help=f"{what}: pgd, autoattack (APGD-CE, APGD-T, FAB-T, Square: what RobustBench reports), "
                              "apgd (APGD-CE + APGD-T, the fast part) or one of AutoAttack's attacks")
     parser.add_argument(f"--{prefix}norm", dest=f"{dest}norm", default="l2", help=f"norm of {what}: l2 or linf")
@@ -122,7 +122,7 @@ def attack_from_flags(args: argparse.Namespace, prefix: str = "") -> Attack | No
     if eps is None or parse_eps(eps) == 0:
         return None
     step_size = getattr(args, f"{dest}step_size", None)
-    kind = getattr(args, f"{dest}attack")
+    kind = getattr(args, f"{dest}attack_kind")
     steps = getattr(args, f"{dest}steps")
     if steps is None:
         steps = getattr(args, f"{dest}default_steps") if kind == "pgd" else APGD_STEPS
