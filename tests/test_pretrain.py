@@ -190,7 +190,7 @@ def _torchrun(config: dict, out_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores for two processes")
-@pytest.mark.parametrize("method", ["pgd", "free"])
+@pytest.mark.parametrize("method", ["pgd", pytest.param("free", marks=pytest.mark.slow)])  # free: -m slow, for time
 def test_killed_torchrun_training_resumes_to_the_same_weights(tmp_path, method):
     # An odd global batch gives the two processes shares of 32 and 31 rows, so their random streams
     # (PGD random starts) drift apart; free training carries a perturbation per share. Both must be

@@ -307,6 +307,7 @@ def test_a_killed_study_resumes_to_the_same_store(reference_study, tmp_path):
     assert comparable(store_path) == comparable(reference)
 
 
+@pytest.mark.slow  # -m slow: the store's exactly-once claims across processes are also tested directly above
 def test_two_study_processes_share_one_store_and_run_each_run_once(tmp_path):
     spec = write_spec(tmp_path)
     studies = [subprocess.Popen([sys.executable, "-m", "robust_transfer.cli", "study", "run", str(spec),

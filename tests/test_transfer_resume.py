@@ -23,12 +23,12 @@ from robust_transfer.transfer import transfer
 # so the test can kill it right there, between two epochs, as a crash would.
 SCRIPT = """
 import json, logging, sys, time
-import robust_transfer.transfer.finetune as finetune
+import robust_transfer.train.fit as fit
 from robust_transfer.transfer import transfer
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 settings, pause_at = json.loads(sys.argv[1]), sys.argv[2]
-save = finetune.save_checkpoint
+save = fit.save_checkpoint
 
 def save_then_pause(path, state):
     save(path, state)
@@ -36,7 +36,7 @@ def save_then_pause(path, state):
         print("paused", flush=True)
         time.sleep(600)
 
-finetune.save_checkpoint = save_then_pause
+fit.save_checkpoint = save_then_pause
 transfer(**settings)
 """
 

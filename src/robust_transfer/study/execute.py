@@ -17,6 +17,8 @@ def execute_run(run: Run) -> dict[str, Any]:
         return _evaluate(run.config)
     if run.kind == "transfer":
         return _transfer(run.config)
+    if run.kind == "detect":
+        return _detect(run.config)
     raise RobustTransferError(f"unknown run kind {run.kind!r}")
 
 
@@ -48,3 +50,11 @@ def _transfer(config: dict[str, Any]) -> dict[str, Any]:
     # resume: an interrupted fine-tuning continues from its per-epoch checkpoints.
     result = transfer(TransferConfig(**{**config["transfer"], "resume": True}))
     return {**result.record.to_dict(), "model_path": str(result.model_path)}
+
+
+def _detect(config: dict[str, Any]) -> dict[str, Any]:
+    from ..detect import DetectConfig, detect
+
+    # resume: an interrupted detection run continues from its per-epoch checkpoints.
+    result = detect(DetectConfig(**{**config["detect"], "resume": True}))
+    return {**result.record.to_dict(), "detector_path": str(result.detector_path)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..accuracy import EvalResult
+from ..detect.record import DetectionRecord
 from ..train import PretrainResult
 from ..transfer.record import TransferRecord
 
@@ -26,7 +27,11 @@ class SourceOutcome:
 
 @dataclass(frozen=True)
 class TransferOutcome:
-    """One finished transfer run: a source to a target dataset in one mode, at one grid point and seed."""
+    """One finished transfer run: a source to a target dataset in one mode, at one grid point and seed.
+
+    A dense task's run (mode ``detection`` or ``instance-segmentation``) scores box AP (``test_score``, chosen
+    on validation box AP) and, for instance segmentation, ``mask_ap``.
+    """
 
     key: str
     source: str                  # label of the source model in the study spec
@@ -34,15 +39,16 @@ class TransferOutcome:
     norm: str | None
     eps: float                   # the source's training eps; 0 = standard, > 0 = robust
     dataset: str
-    mode: str                    # fixed | full | partial:K
+    mode: str                    # fixed | full | partial:K | detection | instance-segmentation
     setting: str                 # the grid point's hyperparameters other than the seed, "k=v, ..." ("" if none)
     seed: int
     val_score: float             # validation score of the setting the run chose (what selection uses)
     test_score: float
-    metric: str                  # top1 | mean_per_class
+    metric: str                  # top1 | mean_per_class | box AP (coco | voc | voc07)
     robust_acc: float | None     # robust accuracy after transfer, None when not measured
     robust_threat: str | None
     seconds: float
+    mask_ap: float | None = None  # instance segmentation's mask AP on test
 
 
 def load_outcomes(store) -> tuple[list[SourceOutcome], list[TransferOutcome]]:
@@ -69,8 +75,22 @@ def load_outcomes(store) -> tuple[list[SourceOutcome], list[TransferOutcome]]:
             seed=config["transfer"]["seed"], val_score=record.selection.best_val_score, test_score=record.test_score,
             metric=record.metric, robust_acc=robust.robust_acc if robust else None,
             robust_threat=(robust.attack or robust.threat) if robust else None, seconds=row.seconds or 0.0))
-        if config["source_label"] not in sources:
-            sources[config["source_label"]] = SourceOutcome(
-                key=row.depends_on or "", source=config["source_label"], arch=source.arch, norm=source.norm,
-                eps=source.eps, clean_acc=None, robust_acc=None, threat=None, seconds=0.0)
+        _note_source(sources, row, source)
+    for row in store.rows("detect", "done"):
+        record, config = DetectionRecord.from_dict(row.result), row.config
+        source = record.source
+        transfers.append(TransferOutcome(
+            key=row.key, source=config["source_label"], arch=source.arch, norm=source.norm, eps=source.eps,
+            dataset=config["target_label"], mode=record.task, setting=config["setting"], seed=config["detect"]["seed"],
+            val_score=record.selection.best_val_score, test_score=record.box_ap, metric=f"box AP ({record.metric})",
+            robust_acc=None, robust_threat=None, seconds=row.seconds or 0.0, mask_ap=record.mask_ap))
+        _note_source(sources, row, source)
     return list(sources.values()), transfers
+
+
+def _note_source(sources: dict[str, SourceOutcome], row, source) -> None:
+    """A source the study did not pretrain (a zoo model or a file) enters the list from its first run."""
+    label = row.config["source_label"]
+    if label not in sources:
+        sources[label] = SourceOutcome(key=row.depends_on or "", source=label, arch=source.arch, norm=source.norm,
+                                       eps=source.eps, clean_acc=None, robust_acc=None, threat=None, seconds=0.0)

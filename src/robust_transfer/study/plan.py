@@ -1,5 +1,6 @@
 """A study spec expanded into runs: pretraining first where asked, an evaluation of each pretrained source,
-then one transfer run per source x target x mode x grid point x seed.
+then one transfer run per source x target x mode x grid point x seed, and one detection run per source x
+detection target x dense task x seed.
 
 Each run is keyed by a hash of what it computes (never of where it writes), so the same run planned
 twice, by two processes or after a spec edit that leaves it unchanged, is the same row in the store.
@@ -13,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.detection import TASKS
+from ..data.scenes import SCENES_NAME
+from ..detect.config import DetectConfig
 from ..errors import RobustTransferError
 from ..models.model_file import sha256_file, weights_path
 from ..train import PretrainConfig
 from ..train.loop import MODEL_NAME
 from ..transfer import TransferConfig
-from .spec import Source, StudySpec, grid_points, transfer_settings
+from .spec import Source, StudySpec, Target, detect_settings, grid_points, transfer_settings
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,12 @@ def plan_runs(spec: StudySpec) -> list[Run]:
         identity, model, dependency = source_refs[source.label]
         for target in spec.targets:
             for mode in spec.modes:
+                if target not in spec.targets_for(mode):
+                    continue
+                if mode in TASKS:
+                    runs += [_detect_run(spec, source, identity, model, dependency, target, mode, seed, out)
+                             for seed in spec.seeds]
+                    continue
                 for point in grid_points(spec.grid):
                     for seed in spec.seeds:
                         runs.append(_transfer_run(spec, source, identity, model, dependency, target, mode, point,
@@ -112,4 +122,18 @@ def _transfer_run(spec, source, identity, model, dependency, target, mode, point
     label = f"{source.label} -> {target_label} {mode}" + (f" [{setting}]" if setting else "") + f" seed {seed}"
     return Run(key, "transfer", label,
                {"source_label": source.label, "target_label": target_label, "setting": setting, "transfer": config},
+               depends_on=dependency)
+
+
+def _detect_run(spec: StudySpec, source: Source, identity: dict[str, Any], model: str, dependency: str | None,
+                target: Target, task: str, seed: int, out: Path) -> Run:
+    data, layout = (SCENES_NAME, "auto") if target.dataset == SCENES_NAME else (target.data_root, target.dataset)
+    detect_config = DetectConfig(source=model, data=data, layout=layout, seed=seed, **detect_settings(spec, task))
+    computed = {k: v for k, v in detect_config.recipe().items() if k != "source"}  # the source is keyed by content
+    key = run_key({"kind": "detect", "source": identity, "config": computed})
+    target_label = target.label or target.dataset
+    config = {**detect_config.to_dict(), "out_dir": str(out / "detect" / f"{source.label}-{target_label}-{key[:8]}"),
+              "progress": False}
+    return Run(key, "detect", f"{source.label} -> {target_label} {task} seed {seed}",
+               {"source_label": source.label, "target_label": target_label, "setting": "", "detect": config},
                depends_on=dependency)

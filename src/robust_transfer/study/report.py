@@ -19,11 +19,11 @@ from ..atomic import atomic_write
 from ..errors import RobustTransferError
 from .outcomes import SourceOutcome, TransferOutcome
 from .plots import PLOTS, draw_plots
-from .tables import NO_RUNS, SourceResult, Table1Row, arch_bars, mode_order, table1
+from .tables import NO_RUNS, SourceResult, Table1Row, arch_bars, is_dense, mode_order, table1
 
 SIDES = ("robust", "standard")
 SIDE_FIELDS = ("source", "arch", "norm", "eps", "setting", "val_mean", "test_mean", "test_std", "n_seeds",
-               "robust_acc")
+               "robust_acc", "mask_ap")
 CSV_SIDE_NAMES = {"val_mean": "val", "test_mean": "test", "n_seeds": "seeds"}  # flat column suffixes
 
 
@@ -47,9 +47,18 @@ def _pct(value: float | None) -> str:
     return "not measured" if value is None else f"{100 * value:.2f}%"
 
 
+def _ap(value: float | None, std: float = 0.0) -> str:
+    """AP as detection papers print it (x100, two decimals), ± the std over seeds when there are several."""
+    if value is None:
+        return "—"
+    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std else "")
+
+
 def _score(result: SourceResult | None) -> str:
     if result is None:
         return "—"
+    if result.metric.startswith("box AP"):  # detection papers print AP x100, without a percent sign
+        return _ap(result.test_mean, result.test_std)
     if result.n_seeds > 1:
         return f"{100 * result.test_mean:.2f} ± {100 * result.test_std:.2f}% ({result.n_seeds} seeds)"
     return _pct(result.test_mean)
@@ -89,7 +98,8 @@ def _winner(row) -> str:
 def mode_title(mode: str) -> str:
     if mode.startswith("partial:"):
         return f"Partial fine-tuning ({mode}: first {mode[8:]} stages frozen)"
-    return {"fixed": "Fixed-feature transfer", "full": "Full-network fine-tuning"}.get(mode, f"Transfer ({mode})")
+    return {"fixed": "Fixed-feature transfer", "full": "Full-network fine-tuning", "detection": "Object detection",
+            "instance-segmentation": "Instance segmentation"}.get(mode, f"Transfer ({mode})")
 
 
 def _plural(count: int, word: str) -> str:
@@ -136,6 +146,32 @@ def _table1_blocks(rows: list[Table1Row], attacks: list[str]) -> list[tuple]:
             table.append(cells)
         blocks += [("h", 3, mode_title(mode)), ("table", header, table), ("p", _verdict(mode, in_mode))]
     return blocks
+
+
+def _dense_blocks(rows: list[Table1Row]) -> list[tuple]:
+    """The blog's detection table: box AP (and mask AP) of the best standard and the best robust backbone."""
+    blocks: list[tuple] = [
+        ("h", 2, "Detection and instance segmentation: standard vs robust backbone"),
+        ("p", "Faster R-CNN (detection) and Mask R-CNN (instance segmentation) with a feature pyramid over each "
+              "source's stages. Per task and dataset, the source with the highest mean validation box AP among "
+              "robust sources and among standard ones, reported on test: box AP over IoU 0.50:0.95 (COCO's, "
+              "the paper's Box AP) and mask AP, x100.")]
+    header = ["task", "dataset", "metric", "standard source", "standard box AP", "standard mask AP",
+              "robust source", "eps", "robust box AP", "robust mask AP", "robust − standard (box AP)", "better"]
+    table = []
+    for row in sorted(rows, key=lambda row: (mode_order(row.mode), row.dataset)):
+        standard, robust = row.best_standard, row.best_robust
+        delta = "—" if row.delta is None else f"{100 * row.delta:+.2f}"
+        cells = [mode_title(row.mode).lower(), row.dataset, row.metric]
+        for side, result in (("standard", standard), ("robust", robust)):
+            cells += [_source(result, side)] + ([_eps(result)] if side == "robust" else [])
+            cells += [_ap(result.test_mean, result.test_std), _ap(result.mask_ap)] if result else ["—", "—"]
+        table.append(cells + [delta, _winner(row)])
+    compared = [row for row in rows if row.winner]
+    verdict = (f"The robust backbone detects better in {sum(row.winner == 'robust' for row in compared)} of "
+               f"{_plural(len(compared), 'comparison')} (task x dataset)." if compared else
+               "No task has both robust and standard runs, so nothing is compared.")
+    return blocks + [("table", header, table), ("p", verdict)]
 
 
 def _sources_blocks(sources: list[SourceOutcome]) -> list[tuple]:
@@ -291,7 +327,10 @@ def write_report(transfers: list[TransferOutcome], sources: list[SourceOutcome],
             (out / filename).unlink(missing_ok=True)
             written[name] = None
     attacks = sorted({run.robust_threat for run in transfers if run.robust_threat})  # which attack made each number
-    blocks = [("h", 1, title), ("p", _summary(transfers, sources)), *_table1_blocks(rows, attacks),
+    classified = [row for row in rows if not is_dense(row.mode)]
+    dense = [row for row in rows if is_dense(row.mode)]
+    blocks = [("h", 1, title), ("p", _summary(transfers, sources)),
+              *(_table1_blocks(classified, attacks) if classified else []), *(_dense_blocks(dense) if dense else []),
               *_sources_blocks(sources), *_arch_blocks(transfers), *_plot_blocks(plots)]
     return ReportFiles(
         markdown=_write(out / "report.md", render_markdown(blocks)),

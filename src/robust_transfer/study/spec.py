@@ -5,7 +5,7 @@ A spec looks like this (every table but ``[[sources]]`` is optional)::
     name = "robust-vs-standard"
     out_dir = "runs/robust-vs-standard"   # run folders, shared features and study.sqlite
     targets = ["animal-mnist", "mnist-5k"]  # or [[targets]] tables: dataset, data_root, label
-    modes = ["fixed", "full"]              # fixed, full, partial:K
+    modes = ["fixed", "full"]              # fixed, full, partial:K; detection, instance-segmentation
     seeds = [0, 1]
 
     [threat]            # robust accuracy of each source, and after transfer
@@ -29,6 +29,11 @@ A spec looks like this (every table but ``[[sources]]`` is optional)::
     [grid]              # every combination of these lists is its own run
     batch_size = [32, 64]
 
+Dense tasks: the modes ``detection`` and ``instance-segmentation`` run on detection targets, the embedded
+``"scenes"`` or a table ``{dataset = "coco" | "voc" | "coco-folder", data_root = DIR}``; classification modes
+run on the classification targets. ``[detect]`` holds any `robust-transfer detect` setting for them (and
+``[detect.instance-segmentation]`` for one task only); ``[grid]`` and ``[threat]`` apply to classification.
+
 Errors name the file, the field and what is allowed.
 """
 
@@ -42,6 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from ..attack import APGD_STEPS, Attack
+from ..data import list_datasets
+from ..data.detection import TASKS
+from ..data.scenes import SCENES_NAME
+from ..detect.config import DetectConfig
 from ..errors import RobustTransferError
 from ..parsing import parse_eps
 from ..train import PretrainConfig
@@ -53,13 +62,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "grid")
+TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "detect", "grid")
 SOURCE_KEYS = ("label", "zoo", "file", "pretrain", "eps")
 TARGET_KEYS = ("dataset", "data_root", "label")
 THREAT_KEYS = ("attack", "norm", "eps", "steps", "step_size", "restarts", "examples")
 # Transfer settings a study decides itself: the source, where the run writes, what is shared.
 STUDY_OWNED = ("source", "out_dir", "cache_dir", "progress", "dataset", "data_root", "mode", "seed", "resume",
                "eval_attack", "eval_examples")
+DETECT_OWNED = ("source", "data", "layout", "task", "out_dir", "progress", "seed", "resume")
+# Detection targets: the embedded scenes, or a folder in one of detect's layouts (the dataset names the layout).
+DETECTION_TARGETS = (SCENES_NAME, "coco", "voc", "coco-folder")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,11 @@ class Target:
     data_root: str | None = None
     label: str | None = None
 
+    @property
+    def dense(self) -> bool:
+        """A detection target (the scenes, COCO, VOC, a COCO-format folder), not a classification dataset."""
+        return self.dataset in DETECTION_TARGETS
+
 
 @dataclass(frozen=True)
 class StudySpec:
@@ -102,7 +119,13 @@ class StudySpec:
     transfer: dict[str, Any] = field(default_factory=dict)
     mode_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    detect: dict[str, Any] = field(default_factory=dict)
+    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     origin: str = "<spec>"
+
+    def targets_for(self, mode: str) -> tuple[Target, ...]:
+        """The targets a mode runs on: detection targets for the dense tasks, classification ones otherwise."""
+        return tuple(t for t in self.targets if t.dense == (mode in TASKS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,17 +188,30 @@ def parse_spec(document: dict[str, Any], origin: str = "<spec>", base: Path | No
     modes = tuple(check.list_of(document.get("modes", ["fixed"]), str, "modes"))
     for mode in modes:
         try:
-            TransferConfig(source="-", mode=mode)
+            if mode not in TASKS:
+                TransferConfig(source="-", mode=mode)
         except RobustTransferError as error:
-            raise check.fail("modes", str(error)) from None
+            raise check.fail("modes", f"{error}, or a dense task ({', '.join(TASKS)})") from None
+    _check_pairing(targets, modes, check)
     seeds = tuple(check.list_of(document.get("seeds", [0]), int, "seeds"))
     threat = _threat(document.get("threat", {}), check)
-    transfer, mode_settings = _transfer(document.get("transfer", {}), modes, check)
+    classify = tuple(m for m in modes if m not in TASKS)
+    transfer, mode_settings = _settings(document.get("transfer", {}), classify, _transfer_fields(), "transfer", check)
+    detect, task_settings = _settings(document.get("detect", {}), tuple(m for m in modes if m in TASKS),
+                                      _detect_fields(), "detect", check)
     grid = _grid(document.get("grid", {}), check)
     spec = StudySpec(name=name, out_dir=str(out_dir), sources=sources, targets=targets, modes=modes, seeds=seeds,
-                     threat=threat, transfer=transfer, mode_settings=mode_settings, grid=grid, origin=origin)
-    # Build every transfer configuration once so a bad value fails now, not in the middle of a study.
+                     threat=threat, transfer=transfer, mode_settings=mode_settings, grid=grid, detect=detect,
+                     task_settings=task_settings, origin=origin)
+    # Build every configuration once so a bad value fails now, not in the middle of a study.
     for mode in modes:
+        if mode in TASKS:
+            try:
+                detect_settings(spec, mode)
+            except RobustTransferError as error:
+                where = f"[detect.{mode}]" if task_settings.get(mode) else "[detect]"
+                raise check.fail(where, str(error)) from None
+            continue
         for point in grid_points(grid):
             try:
                 transfer_settings(spec, mode, point)
@@ -238,9 +274,7 @@ def _pretrain_sources(table: dict, label: str, check: _Checker, where: str) -> l
 def _targets(raw: Any, check: _Checker) -> tuple[Target, ...]:
     if not raw or not isinstance(raw, list):
         raise check.fail("targets", 'give a list of dataset names, e.g. targets = ["animal-mnist", "digits"]')
-    from ..data import list_datasets
-
-    known = list_datasets()
+    known = [*list_datasets(), *DETECTION_TARGETS]
     targets = []
     for index, item in enumerate(raw):
         where = f"targets[{index}]"
@@ -249,8 +283,25 @@ def _targets(raw: Any, check: _Checker) -> tuple[Target, ...]:
         dataset = table.get("dataset")
         if dataset not in known:
             raise check.fail(where, f"unknown dataset {dataset!r}; known: {', '.join(known)}")
+        if dataset in DETECTION_TARGETS and dataset != SCENES_NAME and not table.get("data_root"):
+            raise check.fail(where, f"a {dataset} target needs data_root = the folder holding it")
         targets.append(Target(dataset=dataset, data_root=table.get("data_root"), label=table.get("label")))
     return tuple(targets)
+
+
+def _check_pairing(targets: tuple[Target, ...], modes: tuple[str, ...], check: _Checker) -> None:
+    """Every mode has a target of its kind and every target a mode: nothing in the spec is silently unused."""
+    kinds = ((False, "classification", '"fixed"'), (True, "detection", '"detection"'))
+    for dense, kind, _ in kinds:
+        kinds_modes = [m for m in modes if (m in TASKS) == dense]
+        if kinds_modes and not any(t.dense == dense for t in targets):
+            raise check.fail("targets", f"the modes {', '.join(kinds_modes)} need a {kind} target, and none is "
+                                        "listed" + ('; the embedded one is "scenes"' if dense else ""))
+    for dense, kind, example in kinds:
+        kinds_targets = [t.dataset for t in targets if t.dense == dense]
+        if kinds_targets and not any((m in TASKS) == dense for m in modes):
+            raise check.fail("modes", f"the {kind} targets {', '.join(kinds_targets)} need a {kind} mode, "
+                                      f"e.g. {example}")
 
 
 def _threat(raw: Any, check: _Checker) -> Threat:
@@ -271,17 +322,24 @@ def _transfer_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(TransferConfig) if f.name not in STUDY_OWNED)
 
 
-def _transfer(raw: Any, modes: tuple[str, ...], check: _Checker) -> tuple[dict, dict]:
-    allowed = _transfer_fields()
+def _detect_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(DetectConfig) if f.name not in DETECT_OWNED)
+
+
+def _settings(raw: Any, modes: tuple[str, ...], allowed: tuple[str, ...], table_name: str,
+              check: _Checker) -> tuple[dict, dict]:
+    """A ``[transfer]`` or ``[detect]`` table: shared settings, and sub-tables for one mode each."""
     if not isinstance(raw, dict):
-        raise check.fail("transfer", "expected a table")
+        raise check.fail(table_name, "expected a table")
     shared = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     per_mode = {k: v for k, v in raw.items() if isinstance(v, dict)}
-    check.only(shared, allowed, "[transfer]")
+    check.only(shared, allowed, f"[{table_name}]")
     for mode, table in per_mode.items():
         if mode not in modes:
-            raise check.fail(f"[transfer.{mode}]", f"{mode!r} is not one of the study's modes ({', '.join(modes)})")
-        check.only(table, allowed, f"[transfer.{mode}]")
+            listed = ", ".join(modes) or "none"
+            raise check.fail(f"[{table_name}.{mode}]", f"{mode!r} is not one of the study's modes it applies to "
+                                                      f"({listed})")
+        check.only(table, allowed, f"[{table_name}.{mode}]")
     return shared, per_mode
 
 
@@ -299,6 +357,16 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in a stable order ([{}] for an empty grid)."""
     keys = sorted(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def detect_settings(spec: StudySpec, task: str) -> dict[str, Any]:
+    """The detect settings of one dense task's runs (before the study fills in source, target and seed), checked."""
+    settings = {**spec.detect, **spec.task_settings.get(task, {}), "task": task}
+    try:
+        DetectConfig(source="-", **settings)
+    except TypeError as error:
+        raise RobustTransferError(str(error)) from None
+    return settings
 
 
 def transfer_settings(spec: StudySpec, mode: str, point: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ def _kind_of(row: RunRow) -> str:
     """Runs of one kind (transfers split by mode) take similar times: the unit of the estimate."""
     if row.kind == "transfer":
         return f"transfer {row.config['transfer']['mode']}"
+    if row.kind == "detect":
+        return f"detect {row.config['detect']['task']}"
     return row.kind
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..data.detection import TASKS
 from ..errors import RobustTransferError
 from .outcomes import TransferOutcome
 
@@ -26,7 +27,8 @@ class SourceResult:
     """One source model at one hyperparameter setting on one dataset and mode, pooled over seeds.
 
     ``test_std`` is the sample standard deviation over seeds (0 for one seed); ``robust_acc`` the mean
-    robust accuracy after transfer over the seeds that measured it (None: none did).
+    robust accuracy after transfer over the seeds that measured it (None: none did); ``mask_ap`` likewise
+    for instance segmentation's mask AP.
     """
 
     source: str
@@ -40,6 +42,7 @@ class SourceResult:
     test_std: float
     n_seeds: int
     robust_acc: float | None
+    mask_ap: float | None = None
 
     @property
     def robust(self) -> bool:
@@ -99,10 +102,15 @@ class CurvePoint(NamedTuple):
 
 
 def mode_order(mode: str) -> tuple:
-    """fixed, full, then partial:K by K (numerically: partial:10 after partial:2)."""
+    """fixed, full, then partial:K by K (numerically: partial:10 after partial:2), then the dense tasks."""
     if mode.startswith("partial:") and mode[8:].isdigit():
         return (2, int(mode[8:]), mode)
-    return ({"fixed": 0, "full": 1}.get(mode, 3), 0, mode)
+    return ({"fixed": 0, "full": 1, "detection": 4, "instance-segmentation": 5}.get(mode, 3), 0, mode)
+
+
+def is_dense(mode: str) -> bool:
+    """Detection and instance segmentation: scored in box AP, reported in their own table."""
+    return mode in TASKS
 
 
 def _require(transfers: list[TransferOutcome]) -> None:
@@ -114,11 +122,13 @@ def _pool(runs: list[TransferOutcome]) -> SourceResult:
     runs = sorted(runs, key=lambda run: run.seed)  # a fixed order keeps float means reproducible
     first, tests = runs[0], [run.test_score for run in runs]
     robust = [run.robust_acc for run in runs if run.robust_acc is not None]
+    masks = [run.mask_ap for run in runs if run.mask_ap is not None]
     return SourceResult(
         source=first.source, arch=first.arch, norm=first.norm if first.eps > 0 else None, eps=first.eps,
         setting=first.setting, metric=first.metric, val_mean=statistics.fmean(run.val_score for run in runs),
         test_mean=statistics.fmean(tests), test_std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
-        n_seeds=len(runs), robust_acc=statistics.fmean(robust) if robust else None)
+        n_seeds=len(runs), robust_acc=statistics.fmean(robust) if robust else None,
+        mask_ap=statistics.fmean(masks) if masks else None)
 
 
 def pool_seeds(transfers: Iterable[TransferOutcome]) -> list[SourceResult]:

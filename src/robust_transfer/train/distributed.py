@@ -136,8 +136,9 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def wrap_for_training(model: nn.Module, context: DistributedContext) -> nn.Module:
-    """Return the module to train: the model itself, or a DDP wrapper around it."""
+def wrap_for_training(model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False) -> nn.Module:
+    """Return the module to train: the model itself, or a DDP wrapper around it (``find_unused_parameters`` for a
+    model whose forward may skip trainable layers, as Mask R-CNN's mask head on a batch without positives)."""
     if not context.active:
         return model
     convert_batchnorm(model, context.device)
@@ -147,7 +148,8 @@ def wrap_for_training(model: nn.Module, context: DistributedContext) -> nn.Modul
     parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in parameters
                       else {"broadcast_buffers": False})
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters, **no_buffer_sync)
 
 
 def gather_to_all(value: Any, context: DistributedContext) -> list[Any]:

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..errors import RobustTransferError
-from ..runtime import prepare_batch
 from .checkpoint import restore_rng_state, rng_state
 from .distributed import DistributedContext, gather_to_all
 from .objectives import Objective
@@ -106,7 +105,7 @@ class EpochTotals:
 
 def run_epoch(
     state: TrainingState,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[Any, Any]],
     *,
     device: torch.device,
     precision: str,
@@ -122,23 +121,26 @@ def run_epoch(
     ``after_batch(index, loss)`` sees each batch's detached loss (progress bars). A NaN or infinite loss
     stops before the update; ``stopped(error, batch index)`` turns it into the error the caller raises.
     Returns the totals ``[loss * n, correct, n]`` as a float64 tensor on ``device``, summed on device:
-    reduce them across processes and read them once per epoch. ``state.epoch`` is the caller's to advance.
+    reduce them across processes and read them once per epoch (``correct`` stays 0 for a task without
+    accuracy). The objective moves each batch and counts it, so batches may be any task's.
+    ``state.epoch`` is the caller's to advance.
     """
     model = state.model
+    objective = state.objective
     totals = torch.zeros(3, dtype=torch.float64, device=device)
+    nothing = totals.new_zeros(())
     for index, (x, y) in enumerate(batches):
-        x = prepare_batch(x, device, precision)
-        y = y.to(device, non_blocking=True)
+        x, y = objective.to_device(x, y, device, precision)
         for _replay in range(state.objective.replays):
             try:
-                loss, logits = train_step(train_model or model, state.optimizer, state.objective, x, y,
+                loss, logits = train_step(train_model or model, state.optimizer, objective, x, y,
                                           precision=precision, device=device, attack_model=model,
                                           train_mode=train_mode)
             except NonFiniteLossError as error:
                 raise (stopped(error, index) if stopped is not None else error) from None
             state.scheduler.step()
-        n = len(y)
-        totals += torch.stack([loss.double() * n, (logits.argmax(1) == y).sum().double(),
+        n, correct = objective.tally(logits, y)
+        totals += torch.stack([loss.double() * n, correct.double() if correct is not None else nothing,
                                torch.tensor(float(n), dtype=torch.float64, device=device)])
         if after_batch is not None:
             after_batch(index, loss)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attack import Attack, pgd
 from ..errors import RobustTransferError
+from ..runtime import prepare_batch
 from ..threat import ThreatModel
 
 METHODS = ("standard", "pgd", "fgsm-rs", "free")
@@ -23,10 +24,23 @@ METHODS = ("standard", "pgd", "fgsm-rs", "free")
 
 @dataclass
 class Objective:
-    """Base: the standard loss. ``replays`` is how often the loop repeats each batch."""
+    """Base: the standard loss. ``replays`` is how often the loop repeats each batch.
+
+    An objective also says what its batches are: `to_device` moves one (images and labels here; a list
+    of images and their box targets for detection) and `tally` counts what one step saw, so the
+    engine runs any task's batches without knowing their shape.
+    """
 
     label_smoothing: float = 0.0
     replays: int = 1
+
+    def to_device(self, x, y, device: torch.device, precision: str):
+        """The batch ``(x, y)`` on ``device``, images in the model's memory layout."""
+        return prepare_batch(x, device, precision), y.to(device, non_blocking=True)
+
+    def tally(self, outputs: torch.Tensor | None, y) -> tuple[int, torch.Tensor | None]:
+        """(examples in the batch, correct predictions as a device tensor, or None for a task without them)."""
+        return len(y), (outputs.argmax(1) == y).sum()
 
     def loss(self, model: nn.Module, attack_model: nn.Module, x: torch.Tensor,
              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,9 @@ class NonFiniteLossError(RobustTransferError):
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
                x: torch.Tensor, y: torch.Tensor, *, precision: str, device: torch.device,
                attack_model: nn.Module | None = None,
-               train_mode: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one step and return (loss, logits), both detached.
+               train_mode: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run one step and return (loss, logits), both detached; logits are None for an objective without them
+    (detection).
 
     ``model`` is what is trained (possibly wrapped for data parallelism); ``attack_model`` is the
     plain module the attack differentiates through (defaults to ``model``). ``train_mode`` puts
@@ -40,4 +41,4 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Ob
     loss.backward()
     objective.after_backward()
     optimizer.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach() if logits is not None else None
