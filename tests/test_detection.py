@@ -489,3 +489,18 @@ def test_detection_study_specs_are_checked_field_by_field(tmp_path, edit, messag
     text = edit(DETECTION_STUDY).format(out=tmp_path, scenes=tmp_path, standard="a", robust="b")
     with pytest.raises(RobustTransferError, match=re.escape(message)):
         parse_spec(tomllib.loads(text))
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores for two processes")
+def test_detect_runs_data_parallel_under_torchrun(scenes, source, tmp_path):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(robust_transfer.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "robust_transfer", "detect", source, "--data", str(scenes), "--out-dir",
+                             str(tmp_path / "ddp"), *flags, "--epochs=2", "--json"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (printed,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]  # rank 0 alone
+    assert printed["images"]["train"] == 24 and 0 <= printed["box_ap"] <= 1
+    assert (tmp_path / "ddp" / "detector.safetensors").exists()

@@ -81,6 +81,8 @@ def _run_detect(args: argparse.Namespace) -> int:
         config.progress = False
     result = detect(config)
     record = result.record
+    if record is None:  # another process than rank 0 of a torchrun run: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps({**record.to_dict(), "detector_path": str(result.detector_path)}))
         return 0
