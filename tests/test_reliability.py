@@ -448,6 +448,7 @@ def _kill_and_resume(config: dict, tmp_path: Path, kills: int, seed: int) -> dic
             "phases": [round(startup, 1), round(epoch, 1), round(final, 1)]}
 
 
+@pytest.mark.slow  # -m slow, for suite time: kills at fixed moments are tested in test_pretrain, test_transfer_resume
 def test_a_few_kills_at_random_moments_end_with_the_same_weights(tmp_path):
     config = dict(KILL_RUN, method="standard", epochs=2, train_examples=256)
     report = _kill_and_resume(config, tmp_path, kills=3, seed=0)

@@ -8,8 +8,9 @@ from PIL import Image
 from torch import nn
 
 from robust_transfer.attack import Attack
+from robust_transfer.cli import main
 from robust_transfer.errors import RobustTransferError
-from robust_transfer.models import create_model, with_normalization
+from robust_transfer.models import create_model, save_model, with_normalization
 from robust_transfer.visualize import (
     class_seeds,
     feature_distance,
@@ -80,3 +81,15 @@ def test_pictures_need_a_pgd_attack_with_a_ball(model):
         invert_representation(model, x, x, Attack.of("l2", 0))
     with pytest.raises(RobustTransferError, match="must have one shape"):
         invert_representation(model, x, torch.rand(2, 1, 28, 28), Attack.of("l2", 5))
+
+
+def test_the_command_draws_one_row_per_model(model, tmp_path, capsys):
+    paths = [str(save_model(model, tmp_path / name / "model")) for name in ("standard", "robust")]
+    for kind in ("inversion", "synthesis", "saliency"):
+        assert main(["visualize", *paths, "--kind", kind, "--dataset", "fashion-mnist", "--images", "3",
+                     "--steps", "3", "--out", str(tmp_path / "pictures")]) == 0
+        assert capsys.readouterr().out.strip() == f"{kind}: {tmp_path / 'pictures' / f'{kind}.png'}"
+        with Image.open(tmp_path / "pictures" / f"{kind}.png") as image:
+            assert image.format == "PNG"
+    assert main(["visualize", *paths, "--dataset", "fashion-mnist", "--labels", "one", "--out", str(tmp_path)]) == 2
+    assert "1 label(s) for 2 model(s)" in capsys.readouterr().err

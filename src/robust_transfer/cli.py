@@ -12,8 +12,10 @@ from . import __version__
 from .config_flags import HelpFormatter, add_attack_flags, add_config_flags, attack_from_flags, config_values
 from .detect.config import DetectConfig
 from .errors import RobustTransferError
+from .parsing import parse_eps
 from .train.config import PretrainConfig
 from .transfer.config import TransferConfig
+from .visualize.pictures import KINDS
 from .zoo_cli import add_arch_option_argument, add_zoo_parser
 
 
@@ -96,6 +98,20 @@ def _run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_visualize(args: argparse.Namespace) -> int:
+    from .attack import Attack
+    from .visualize import draw_pictures
+
+    attack = None
+    if args.eps is not None or args.steps is not None or args.step_size is not None:
+        attack = Attack.of("l2", args.eps if args.eps is not None else 40.0, steps=args.steps or 200,
+                           step_size=args.step_size if args.step_size is not None else 0.5)
+    path = draw_pictures(args.models, args.kind, args.dataset, args.out, labels=args.labels, data_root=args.data_root,
+                         images=args.images, attack=attack, seed=args.seed)
+    print(f"{args.kind}: {path}")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -170,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--json", action="store_true", help="print one JSON object (box_ap, box_ap50, mask_ap, "
                         "per_class, timings, ...) and no progress bars")
     detect.set_defaults(run=_run_detect)
+
+    visualize = commands.add_parser(
+        "visualize", help="what models' representations look like: inversion, class synthesis, saliency",
+        description="The paper's Figure 3: a grid with the dataset's test images on top and one row per model. "
+                    "inversion: L2 PGD from noise towards each image's penultimate features; synthesis: targeted "
+                    "L2 PGD from class-conditional seeds; saliency: the input gradient of the true class. Robust "
+                    "models' inversions and drawings look like the images; standard models' stay texture.",
+        formatter_class=HelpFormatter)
+    visualize.add_argument("models", nargs="+", help="model files or zoo names, one grid row each")
+    visualize.add_argument("--kind", choices=KINDS, default="inversion")
+    visualize.add_argument("--dataset", required=True, help="dataset whose test images are shown")
+    visualize.add_argument("--data-root", default=None, help="folder holding the dataset")
+    visualize.add_argument("--labels", nargs="+", default=None, help="one row label per model (default: folder)")
+    visualize.add_argument("--images", type=int, default=8, help="images (columns)")
+    visualize.add_argument("--eps", type=parse_eps, default=None, help="L2 radius of the search (default: 40)")
+    visualize.add_argument("--steps", type=int, default=None, help="PGD steps (default: 200)")
+    visualize.add_argument("--step-size", type=parse_eps, default=None, help="PGD step size (default: 0.5)")
+    visualize.add_argument("--seed", type=int, default=0)
+    visualize.add_argument("--out", default="runs/visualize", help="folder for KIND.png")
+    visualize.set_defaults(run=_run_visualize)
 
     add_zoo_parser(commands)
 

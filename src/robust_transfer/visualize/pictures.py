@@ -1,0 +1,65 @@
+"""Figure 3's grids for several models side by side: what `robust-transfer visualize` draws."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..attack import Attack
+from ..data import load_dataset, sample_examples
+from ..errors import RobustTransferError
+from ..models import load_model
+from .grids import save_grid
+from .perception import class_seeds, invert_representation, saliency, synthesize_class
+
+KINDS = ("inversion", "synthesis", "saliency")
+DEFAULT_EPS = {"inversion": 40.0, "synthesis": 40.0}  # L2, pixel units: large, as the robustness library's recipes
+
+
+def _examples(dataset: str, data_root: str | None, count: int, seed: int,
+              channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    split = sample_examples(load_dataset(dataset, data_root, in_channels=channels).test, count, seed=seed)
+    pairs = [split[i] for i in range(len(split))]
+    images = torch.stack([image for image, _ in pairs]).float()
+    return (images / 255 if images.max() > 1 else images), torch.tensor([int(label) for _, label in pairs])
+
+
+def draw_pictures(models: list[str], kind: str, dataset: str, out: str | Path, *, labels: list[str] | None = None,
+                  data_root: str | None = None, images: int = 8, attack: Attack | None = None,
+                  seed: int = 0) -> Path:
+    """One grid (``out``/``kind``.png): the dataset's test images on top, then one row per model.
+
+    inversion: each model's inversion of the images from uniform noise; synthesis: each model's drawing of
+    the images' classes from class-conditional seeds (fitted to up to 1,000 test images); saliency: each
+    model's input-gradient map of the true class. ``attack`` defaults to L2 PGD eps 40, 200 steps of 0.5.
+    """
+    if kind not in KINDS:
+        raise RobustTransferError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    labels = labels or [Path(m).parent.name or Path(m).stem for m in models]
+    if len(labels) != len(models):
+        raise RobustTransferError(f"{len(labels)} label(s) for {len(models)} model(s): give one label per model")
+    if images < 1:
+        raise RobustTransferError(f"--images must be >= 1, got {images}")
+    attack = attack or Attack.of("l2", DEFAULT_EPS.get(kind, 40.0), steps=200, step_size=0.5)
+    loaded = [load_model(name).eval() for name in models]
+    channels = loaded[0].spec.in_channels  # the images are shown as the first model takes them
+    x, y = _examples(dataset, data_root, images, seed, channels)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.rand(x.shape, generator=generator)
+    seeds = None
+    if kind == "synthesis":
+        pool_x, pool_y = _examples(dataset, data_root, 1000, seed + 1, channels)
+        seeds = class_seeds(pool_x, pool_y, y, generator=generator)
+    rows = {"images": x} if kind != "synthesis" else {"seeds": seeds}
+    for label, name, model in zip(labels, models, loaded, strict=True):
+        if model.spec.in_channels != channels:
+            raise RobustTransferError(f"{name} takes {model.spec.in_channels}-channel images and {models[0]} "
+                                      f"{channels}: one grid needs models of one input shape")
+        if kind == "inversion":
+            rows[label] = invert_representation(model, x, start, attack)
+        elif kind == "synthesis":
+            rows[label] = synthesize_class(model, seeds, y, attack)
+        else:
+            rows[label] = saliency(model, x, y)
+    return save_grid(rows, Path(out) / f"{kind}.png")
