@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from robust_transfer.attack import Attack
-from robust_transfer.data import load_dataset, sample_examples
 from robust_transfer.models import load_model
 from robust_transfer.visualize import feature_distance, invert_representation, save_grid
+from robust_transfer.visualize.pictures import sample_test_images
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,9 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/inversion.png"))
     args = parser.parse_args()
     labels = args.labels or [Path(m).parent.name for m in args.models]
-    test = sample_examples(load_dataset("fashion-mnist").test, args.images, seed=0)
-    targets = torch.stack([test[i][0] for i in range(len(test))]).float()
-    targets = targets / 255 if targets.max() > 1 else targets
+    targets, _ = sample_test_images("fashion-mnist", None, args.images, seed=0, channels=1)
     start = torch.rand(targets.shape, generator=torch.Generator().manual_seed(0))
     attack = Attack.of("l2", args.eps, steps=args.steps, step_size=args.step_size)
     rows, report = {"target": targets[:10]}, {}

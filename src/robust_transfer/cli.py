@@ -78,10 +78,8 @@ def _run_transfer(args: argparse.Namespace) -> int:
 def _run_detect(args: argparse.Namespace) -> int:
     from .detect import detect
 
-    config = DetectConfig(**config_values(DetectConfig, args))
-    if args.json:
-        config.progress = False
-    result = detect(config)
+    values = config_values(DetectConfig, args)
+    result = detect(DetectConfig(**{**values, "progress": False} if args.json else values))
     record = result.record
     if record is None:  # another process than rank 0 of a torchrun run: rank 0 reports
         return 0
@@ -99,13 +97,13 @@ def _run_detect(args: argparse.Namespace) -> int:
 
 
 def _run_visualize(args: argparse.Namespace) -> int:
-    from .attack import Attack
+    from .threat import ThreatModel
     from .visualize import draw_pictures
+    from .visualize.pictures import DEFAULT_ATTACK
 
-    attack = None
-    if args.eps is not None or args.steps is not None or args.step_size is not None:
-        attack = Attack.of("l2", args.eps if args.eps is not None else 40.0, steps=args.steps or 200,
-                           step_size=args.step_size if args.step_size is not None else 0.5)
+    changes = {"steps": args.steps, "step_size": args.step_size,
+               "threat": ThreatModel("l2", args.eps) if args.eps is not None else None}
+    attack = DEFAULT_ATTACK.replace(**{k: v for k, v in changes.items() if v is not None})
     path = draw_pictures(args.models, args.kind, args.dataset, args.out, labels=args.labels, data_root=args.data_root,
                          images=args.images, attack=attack, seed=args.seed)
     print(f"{args.kind}: {path}")

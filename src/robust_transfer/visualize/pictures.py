@@ -14,11 +14,13 @@ from .grids import save_grid
 from .perception import class_seeds, invert_representation, saliency, synthesize_class
 
 KINDS = ("inversion", "synthesis", "saliency")
-DEFAULT_EPS = {"inversion": 40.0, "synthesis": 40.0}  # L2, pixel units: large, as the robustness library's recipes
+DEFAULT_ATTACK = Attack.of("l2", 40.0, steps=200, step_size=0.5)
+"""Inversion's and synthesis's search: a large L2 ball (pixel units), as the robustness library's recipes."""
 
 
-def _examples(dataset: str, data_root: str | None, count: int, seed: int,
-              channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_test_images(dataset: str, data_root: str | None, count: int, seed: int,
+                channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random ``count`` of ``dataset``'s test images ([0, 1], ``channels`` channels) and their labels."""
     split = sample_examples(load_dataset(dataset, data_root, in_channels=channels).test, count, seed=seed)
     pairs = [split[i] for i in range(len(split))]
     images = torch.stack([image for image, _ in pairs]).float()
@@ -32,7 +34,7 @@ def draw_pictures(models: list[str], kind: str, dataset: str, out: str | Path, *
 
     inversion: each model's inversion of the images from uniform noise; synthesis: each model's drawing of
     the images' classes from class-conditional seeds (fitted to up to 1,000 test images); saliency: each
-    model's input-gradient map of the true class. ``attack`` defaults to L2 PGD eps 40, 200 steps of 0.5.
+    model's input-gradient map of the true class. ``attack`` defaults to `DEFAULT_ATTACK`.
     """
     if kind not in KINDS:
         raise RobustTransferError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -41,15 +43,15 @@ def draw_pictures(models: list[str], kind: str, dataset: str, out: str | Path, *
         raise RobustTransferError(f"{len(labels)} label(s) for {len(models)} model(s): give one label per model")
     if images < 1:
         raise RobustTransferError(f"--images must be >= 1, got {images}")
-    attack = attack or Attack.of("l2", DEFAULT_EPS.get(kind, 40.0), steps=200, step_size=0.5)
+    attack = attack or DEFAULT_ATTACK
     loaded = [load_model(name).eval() for name in models]
     channels = loaded[0].spec.in_channels  # the images are shown as the first model takes them
-    x, y = _examples(dataset, data_root, images, seed, channels)
+    x, y = sample_test_images(dataset, data_root, images, seed, channels)
     generator = torch.Generator().manual_seed(seed)
     start = torch.rand(x.shape, generator=generator)
     seeds = None
     if kind == "synthesis":
-        pool_x, pool_y = _examples(dataset, data_root, 1000, seed + 1, channels)
+        pool_x, pool_y = sample_test_images(dataset, data_root, 1000, seed + 1, channels)
         seeds = class_seeds(pool_x, pool_y, y, generator=generator)
     rows = {"images": x} if kind != "synthesis" else {"seeds": seeds}
     for label, name, model in zip(labels, models, loaded, strict=True):
