@@ -12,9 +12,10 @@ def test_quick_demo_prints_the_papers_table_and_reuses_its_runs(tmp_path):
     with Store(store_path, create=False) as store:
         rows = store.rows()
     sources = len(QUICK.source_eps)
-    # Per source: a pretraining, its evaluation, and fixed + full transfer to each target; all finished.
-    assert len(rows) == sources * (2 + 2 * len(TARGETS)) and all(r.status == "done" for r in rows)
+    # Per source: a pretraining, its evaluation, its inversion row, and fixed + full transfer to each target.
+    assert len(rows) == sources * (3 + 2 * len(TARGETS)) and all(r.status == "done" for r in rows)
     assert all(target in first for target in TARGETS)
+    assert "## Perceptual alignment" in first and (tmp_path / "quick" / "report" / "inversion.png").is_file()
     assert "robust sources win on" in first and "Fixed-feature" in first and "Full-network" in first
     assert (tmp_path / "quick" / "report" / "report.html").is_file() and str(store_path) in first
 

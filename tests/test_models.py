@@ -42,6 +42,8 @@ HEADS = {
     "cifar_resnet18": "fc",
     "cifar_resnet50": "fc",
     "small_resnet": "fc",
+    "small_resnet_w2": "fc",
+    "small_resnet_w4": "fc",
 }
 TORCHVISION = [a for a in HEADS if not a.startswith(("cifar_", "small_")) and a != "wide_resnet50_4"]
 
@@ -78,7 +80,7 @@ def test_every_architecture_builds_with_any_classes_and_channels(arch, in_channe
     assert model.spec == ModelSpec(arch, 7, in_channels, model.spec.mean, model.spec.std)
     assert first_conv(model)[1].in_channels == in_channels
     assert model.normalize.mean.shape == (1, in_channels, 1, 1)
-    size = 28 if arch == "small_resnet" else 64
+    size = 28 if arch.startswith("small_resnet") else 64
     out = model(torch.empty(2, in_channels, size, size, device="meta"))
     assert out.shape == (2, 7)
 
@@ -482,7 +484,7 @@ def test_foreign_json_is_a_clear_error(saved_small):
 @pytest.mark.parametrize("arch", list(HEADS))
 def test_every_architecture_builds_for_real_and_runs(arch):
     """Real (not meta) construction and a forward pass for every architecture (slow: pytest -m slow)."""
-    size = 28 if arch == "small_resnet" else 64
+    size = 28 if arch.startswith("small_resnet") else 64
     for in_channels in (1, 3):
         model = create_model(arch, num_classes=7, in_channels=in_channels).eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -188,7 +188,7 @@ def test_csv_rows_match_the_runs(report):
 def test_html_is_one_self_contained_escaped_page(report):
     _, _, files = report
     page = files.html.read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4  # three plots and the source-vs-transfer scatter
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
     assert "<title>Test &lt;study&gt; &amp; co</title>" in page and "<study>" not in page
     assert "<td>87.00 ± 1.41% (2 seeds)</td>" in page
@@ -201,7 +201,7 @@ def test_robust_plot_is_skipped_without_measurements_and_a_stale_one_removed(tmp
     text = files.markdown.read_text(encoding="utf-8")
     assert "robust_after_transfer.png: not drawn (no run measured robust accuracy after transfer)" in text
     assert "robust acc after transfer (robust / standard source)" not in text
-    assert files.html.read_text(encoding="utf-8").count("data:image/png;base64,") == 2
+    assert files.html.read_text(encoding="utf-8").count("data:image/png;base64,") == 3
 
 
 def test_no_runs_is_an_error_that_says_what_to_do(tmp_path):

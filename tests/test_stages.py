@@ -51,6 +51,8 @@ EXPECTED = {
     "cifar_resnet18": RESNET,
     "cifar_resnet50": RESNET,
     "small_resnet": RESNET[:3],
+    "small_resnet_w2": RESNET[:3],
+    "small_resnet_w4": RESNET[:3],
     "densenet161": [
         ["features.conv0", "features.norm0", "features.denseblock1", "features.transition1"],
         ["features.denseblock2", "features.transition2"],
@@ -96,7 +98,7 @@ def test_stages_cover_everything_but_the_head_disjointly_in_forward_order(arch):
     model = _meta(arch)
     table = stages(model)
     assert table == EXPECTED[arch]
-    assert num_stages(model) == len(table) == (3 if arch == "small_resnet" else 4)
+    assert num_stages(model) == len(table) == (3 if arch.startswith("small_resnet") else 4)
     head = head_name(model)
     assert head == HEADS.get(arch, "fc")
     inner = model.model

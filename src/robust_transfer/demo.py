@@ -2,9 +2,9 @@
 
 Pretrain a small ResNet on Fashion-MNIST at several L2 eps (0 = standard), measure each source's
 clean and robust accuracy, transfer each to Animal-MNIST, MNIST-5k and digits in fixed-feature and
-full-network modes, and write the paper's table and plots; with ``detection``, also fine-tune a Faster R-CNN
-over each source on the embedded scenes (the blog's detection table). Models, features and finished runs
-are kept in a study store, so a second call only rewrites the report.
+full-network modes, and write the paper's table, plots and an inversion grid (robust vs standard); with
+``detection``, also fine-tune a Faster R-CNN over each source on the embedded scenes (the blog's detection table).
+Models, features and finished runs are kept in a study store, so a second call only rewrites the report.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.scenes import SCENES_NAME
-from .study import Store, load_outcomes, parse_spec, run_study
+from .study import Store, load_outcomes, load_pictures, parse_spec, run_study
 from .study.report import write_report
 
 TARGETS = ("animal-mnist", "mnist-5k", "digits")
@@ -61,6 +61,7 @@ def demo_spec(out_dir: Path, size: DemoSize, detection: bool = False) -> dict[st
         # Short fine-tuning needs a larger rate than the paper's 150-epoch 0.01.
         "transfer": {"full": {"lrs": [0.1], "epochs": size.full_epochs, "train_examples": size.full_train_examples,
                               "refit": False}},
+        "pictures": {"kinds": ["inversion"], "images": 8},  # Figure 3: robust vs standard inversions
     }
     if detection:
         spec.update(targets=[*TARGETS, SCENES_NAME], modes=[*spec["modes"], "detection"],
@@ -80,11 +81,12 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: b
     store_path = run_study(spec, workers=workers, progress=progress)
     with Store(store_path, create=False) as store:
         sources, transfers = load_outcomes(store)
+        pictures = load_pictures(store)
         failed = store.rows(status="failed")
     report_dir = out_dir / "report"
     title = "robust-transfer demo: Fashion-MNIST sources, three embedded targets" + \
         (" and the embedded detection scenes" if detection else "")
-    files = write_report(transfers, sources, report_dir, title=title)
+    files = write_report(transfers, sources, report_dir, title=title, pictures=pictures)
     text = Path(files.markdown).read_text()
     lines = [text.rstrip(), "",
              f"Setup: small_resnet, {size.epochs} epochs on {size.train_examples} Fashion-MNIST images at L2 eps "

@@ -50,18 +50,19 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .study import Store, load_outcomes, resolve_store
+    from .study import Store, load_outcomes, load_pictures, resolve_store
     from .study.report import write_report
 
     path = resolve_store(args.store)
     with Store(path, create=False) as store:
         sources, transfers = load_outcomes(store)
+        pictures = load_pictures(store)
         title = args.title or f"Study {store.meta('name') or path.stem}"
-    files = write_report(transfers, sources, args.out, title=title)
+    files = write_report(transfers, sources, args.out, title=title, pictures=pictures)
     print(f"report written to {args.out}:")
     for name, file in vars(files).items():
-        if file:
-            print(f"  {name}: {file}")
+        for one in (file if isinstance(file, tuple) else [file] if file else []):
+            print(f"  {name}: {one}")
     return 0
 
 

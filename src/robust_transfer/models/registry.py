@@ -27,7 +27,15 @@ from ..errors import RobustTransferError
 from . import timm_arch
 from .builders import build_from, class_reference, is_builder
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, Normalize, NormalizedModel
-from .small import CifarResNet, SmallResNet, cifar_resnet18, cifar_resnet50, small_resnet
+from .small import (
+    CifarResNet,
+    SmallResNet,
+    cifar_resnet18,
+    cifar_resnet50,
+    small_resnet,
+    small_resnet_w2,
+    small_resnet_w4,
+)
 from .spec import ModelSpec, Stats, check_options, check_positive_int, resolve_stats
 from .stages import replace_head
 from .state import misfit
@@ -42,7 +50,9 @@ class Architecture:
 
     ``build(num_classes, in_channels)`` returns the classifier without normalisation; ``cls`` is
     its Python class (used to recognise a user's model in `with_normalization`); ``imagenet``
-    says whether the default statistics for 3-channel input are ImageNet's (else 0.5).
+    says whether the default statistics for 3-channel input are ImageNet's (else 0.5). ``family`` and
+    ``size`` place it among networks of one design from smallest to largest (the paper's width study:
+    ResNet-18, ResNet-50, WRN-50-2, WRN-50-4); ``family`` is empty for a network without siblings.
     """
 
     name: str
@@ -50,6 +60,8 @@ class Architecture:
     cls: type[nn.Module]
     imagenet: bool
     description: str
+    family: str = ""
+    size: int = 0
 
 
 def _torchvision(constructor: Callable[..., nn.Module]) -> Callable[[int, int], nn.Module]:
@@ -66,11 +78,12 @@ def _wide_resnet50_4(weights: None = None, num_classes: int = 1000) -> ResNet:
 
 
 _ENTRIES = [
-    Architecture("resnet18", _torchvision(tvm.resnet18), ResNet, True, "torchvision ResNet-18"),
-    Architecture("resnet50", _torchvision(tvm.resnet50), ResNet, True, "torchvision ResNet-50"),
-    Architecture("wide_resnet50_2", _torchvision(tvm.wide_resnet50_2), ResNet, True, "torchvision WRN-50-2"),
+    Architecture("resnet18", _torchvision(tvm.resnet18), ResNet, True, "torchvision ResNet-18", "ResNet", 1),
+    Architecture("resnet50", _torchvision(tvm.resnet50), ResNet, True, "torchvision ResNet-50", "ResNet", 2),
+    Architecture("wide_resnet50_2", _torchvision(tvm.wide_resnet50_2), ResNet, True, "torchvision WRN-50-2", "ResNet",
+                 3),
     Architecture(
-        "wide_resnet50_4", _torchvision(_wide_resnet50_4), ResNet, True, "WRN-50-4 (width_per_group 256)"
+        "wide_resnet50_4", _torchvision(_wide_resnet50_4), ResNet, True, "WRN-50-4 (width_per_group 256)", "ResNet", 4
     ),
     Architecture(
         "densenet161", _torchvision(tvm.densenet161), tvm.DenseNet, True, "torchvision DenseNet-161"
@@ -90,9 +103,13 @@ _ENTRIES = [
         "torchvision ShuffleNet-v2 x1.0",
     ),
     Architecture("vgg16_bn", _torchvision(tvm.vgg16_bn), tvm.VGG, True, "torchvision VGG-16 with batch norm"),
-    Architecture("cifar_resnet18", cifar_resnet18, CifarResNet, False, "ResNet-18 with a 32 px stem"),
-    Architecture("cifar_resnet50", cifar_resnet50, CifarResNet, False, "ResNet-50 with a 32 px stem"),
-    Architecture("small_resnet", small_resnet, SmallResNet, False, "0.3M-parameter ResNet for 28 px"),
+    Architecture("cifar_resnet18", cifar_resnet18, CifarResNet, False, "ResNet-18 with a 32 px stem", "CifarResNet", 1),
+    Architecture("cifar_resnet50", cifar_resnet50, CifarResNet, False, "ResNet-50 with a 32 px stem", "CifarResNet", 2),
+    Architecture("small_resnet", small_resnet, SmallResNet, False, "0.3M-parameter ResNet for 28 px", "SmallResNet", 1),
+    Architecture("small_resnet_w2", small_resnet_w2, SmallResNet, False, "small_resnet at twice the width (1.2M)",
+                 "SmallResNet", 2),
+    Architecture("small_resnet_w4", small_resnet_w4, SmallResNet, False, "small_resnet at four times the width (4.9M)",
+                 "SmallResNet", 4),
 ]
 ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in _ENTRIES}
 
@@ -100,6 +117,13 @@ ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in _ENTRIE
 def list_architectures() -> list[str]:
     """Registered names accepted by `create_model`, in registry order (``timm:NAME`` and builders come on top)."""
     return list(ARCHITECTURES)
+
+
+def size_order(arch: str) -> tuple[str, int, str]:
+    """A sort key placing each family's networks together, smallest first (the paper's width figure); an
+    architecture outside the registry (timm, a builder) is a family of its own."""
+    entry = ARCHITECTURES.get(arch)
+    return (entry.family or arch, entry.size, arch) if entry else (arch, 0, arch)
 
 
 def get_architecture(arch: str) -> Architecture:

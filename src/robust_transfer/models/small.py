@@ -104,3 +104,13 @@ class SmallResNet(nn.Module):
 def small_resnet(num_classes: int = 10, in_channels: int = 1) -> SmallResNet:
     """`SmallResNet` with the default widths (32, 64, 128) and strides (1, 2, 2)."""
     return SmallResNet(num_classes=num_classes, in_channels=in_channels)
+
+
+def small_resnet_w2(num_classes: int = 10, in_channels: int = 1) -> SmallResNet:
+    """`SmallResNet` at twice the width (64, 128, 256): 1.2M parameters, for width studies on small images."""
+    return SmallResNet(num_classes=num_classes, in_channels=in_channels, widths=(64, 128, 256))
+
+
+def small_resnet_w4(num_classes: int = 10, in_channels: int = 1) -> SmallResNet:
+    """`SmallResNet` at four times the width (128, 256, 512): 4.9M parameters."""
+    return SmallResNet(num_classes=num_classes, in_channels=in_channels, widths=(128, 256, 512))

@@ -31,7 +31,7 @@ resnet18, resnet50,    1: conv1 bn1 layer1 | 2: layer2 | 3: layer3 | 4: layer4
 wide_resnet50_2/_4,    (cifar_resnet*: the same names; their stem has stride 1)
 resnext50_32x4d,
 cifar_resnet18/50
-small_resnet           1: conv1 bn1 layer1 | 2: layer2 | 3: layer3
+small_resnet(_w2, _w4) 1: conv1 bn1 layer1 | 2: layer2 | 3: layer3
 densenet161            1: features.conv0 norm0 denseblock1 transition1 | 2: features.denseblock2
                        transition2 | 3: features.denseblock3 transition3 | 4: features.denseblock4
                        norm5

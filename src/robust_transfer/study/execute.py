@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 from typing import Any
+
+from safetensors.torch import save
 
 from ..errors import RobustTransferError
 from .plan import Run
@@ -19,6 +22,8 @@ def execute_run(run: Run) -> dict[str, Any]:
         return _transfer(run.config)
     if run.kind == "detect":
         return _detect(run.config)
+    if run.kind == "pictures":
+        return _pictures(run.config)
     raise RobustTransferError(f"unknown run kind {run.kind!r}")
 
 
@@ -58,3 +63,21 @@ def _detect(config: dict[str, Any]) -> dict[str, Any]:
     # resume: an interrupted detection run continues from its per-epoch checkpoints.
     result = detect(DetectConfig(**{**config["detect"], "resume": True}))
     return {**result.record.to_dict(), "detector_path": str(result.detector_path)}
+
+
+def _pictures(config: dict[str, Any]) -> dict[str, Any]:
+    from ..atomic import atomic_write
+    from ..attack import Attack
+    from ..models import load_model
+    from ..visualize.pictures import picture_inputs, picture_row
+
+    model = load_model(config["model"]).eval()
+    inputs = picture_inputs(config["kind"], config["dataset"], config["data_root"], config["images"], config["seed"],
+                            model.spec.in_channels)
+    row = picture_row(model, inputs, Attack.from_dict(config["attack"]))
+    reference_name, reference = inputs.reference
+    path = Path(config["out_file"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save({"reference": reference.float().contiguous(), "row": row.detach().float().cpu().contiguous()})
+    atomic_write(path, lambda handle: handle.write(data))
+    return {"kind": config["kind"], "dataset": config["dataset"], "reference": reference_name, "file": str(path)}

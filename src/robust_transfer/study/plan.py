@@ -1,6 +1,7 @@
 """A study spec expanded into runs: pretraining first where asked, an evaluation of each pretrained source,
-then one transfer run per source x target x mode x grid point x seed, and one detection run per source x
-detection target x dense task x seed.
+then one transfer run per source x target x mode x grid point x seed (again at each low resolution the spec
+asks for), one detection run per source x detection target x dense task x seed, and one picture run per
+source x picture kind.
 
 Each run is keyed by a hash of what it computes (never of where it writes), so the same run planned
 twice, by two processes or after a spec edit that leaves it unchanged, is the same row in the store.
@@ -66,6 +67,9 @@ def plan_runs(spec: StudySpec) -> list[Run]:
 
     for source in spec.sources:
         identity, model, dependency = source_refs[source.label]
+        if spec.pictures is not None:
+            runs += [_pictures_run(spec, source, identity, model, dependency, kind, out)
+                     for kind in spec.pictures.kinds]
         for target in spec.targets:
             for mode in spec.modes:
                 if target not in spec.targets_for(mode):
@@ -74,11 +78,17 @@ def plan_runs(spec: StudySpec) -> list[Run]:
                     runs += [_detect_run(spec, source, identity, model, dependency, target, mode, seed, out)
                              for seed in spec.seeds]
                     continue
-                for point in grid_points(spec.grid):
-                    for seed in spec.seeds:
-                        runs.append(_transfer_run(spec, source, identity, model, dependency, target, mode, point,
-                                                  seed, out))
+                for resolution in (None, *spec.resolutions):
+                    for point in grid_points(spec.grid):
+                        for seed in spec.seeds:
+                            runs.append(_transfer_run(spec, source, identity, model, dependency, target, mode,
+                                                      point, seed, out, resolution))
     return runs
+
+
+def resolution_label(target: str, resolution: int | None) -> str:
+    """A target's name in the report: ``digits``, or ``digits at 8 px`` for its low-resolution copy."""
+    return target if resolution is None else f"{target} at {resolution} px"
 
 
 def _pretrain_run(source: Source, out: Path) -> Run:
@@ -108,21 +118,37 @@ def _file_digest(source: Source, spec: StudySpec) -> str:
     return sha256_file(path)
 
 
-def _transfer_run(spec, source, identity, model, dependency, target, mode, point, seed, out) -> Run:
+def _transfer_run(spec, source, identity, model, dependency, target, mode, point, seed, out,
+                  resolution: int | None = None) -> Run:
     settings = transfer_settings(spec, mode, point)
     transfer_config = TransferConfig(source=model, dataset=target.dataset, data_root=target.data_root, seed=seed,
-                                     **settings)
+                                     resolution=resolution, **settings)
     config = transfer_config.to_dict()
     computed = {k: v for k, v in transfer_config.recipe().items() if k != "source"}  # the source is keyed by content
     key = run_key({"kind": "transfer", "source": identity, "config": computed})
-    target_label = target.label or target.dataset
-    config.update(out_dir=str(out / "transfer" / f"{source.label}-{target_label}-{key[:8]}"),
-                  cache_dir=str(out / "features"), progress=False)
+    base_label = target.label or target.dataset
+    target_label = resolution_label(base_label, resolution)
+    folder = f"{source.label}-{base_label}" + (f"-{resolution}px" if resolution else "") + f"-{key[:8]}"
+    config.update(out_dir=str(out / "transfer" / folder), cache_dir=str(out / "features"), progress=False)
     setting = setting_text(point)
     label = f"{source.label} -> {target_label} {mode}" + (f" [{setting}]" if setting else "") + f" seed {seed}"
     return Run(key, "transfer", label,
-               {"source_label": source.label, "target_label": target_label, "setting": setting, "transfer": config},
+               {"source_label": source.label, "target_label": target_label, "target": base_label,
+                "resolution": resolution, "setting": setting, "transfer": config},
                depends_on=dependency)
+
+
+def _pictures_run(spec: StudySpec, source: Source, identity: dict[str, Any], model: str, dependency: str | None,
+                  kind: str, out: Path) -> Run:
+    pictures = spec.pictures
+    dataset = pictures.dataset or source.pretrain["dataset"]
+    data_root = pictures.data_root if pictures.dataset else source.pretrain.get("data_root")
+    computed = {"kind": kind, "dataset": dataset, "data_root": data_root, "images": pictures.images,
+                "attack": pictures.attack.to_dict(), "seed": spec.seeds[0]}
+    key = run_key({"kind": "pictures", "source": identity, "config": computed})
+    config = {"source_label": source.label, "model": model, **computed,
+              "out_file": str(out / "pictures" / f"{source.label}-{kind}-{key[:8]}.safetensors")}
+    return Run(key, "pictures", f"{kind} pictures of {source.label} on {dataset}", config, depends_on=dependency)
 
 
 def _detect_run(spec: StudySpec, source: Source, identity: dict[str, Any], model: str, dependency: str | None,

@@ -1,4 +1,5 @@
-"""The study report: Table 1, source models, per-architecture results and plots as Markdown, HTML, CSV and PNG.
+"""The study report: Table 1, source models, per-architecture results, the paper's analyses, perceptual-alignment
+grids and plots as Markdown, HTML, CSV and PNG.
 
 The numbers come from :mod:`robust_transfer.study.tables`; this module lays them out. The page is
 built once as a list of blocks and rendered twice, so ``report.md`` and ``report.html`` cannot
@@ -15,11 +16,28 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from ..atomic import atomic_write
 from ..errors import RobustTransferError
-from .outcomes import SourceOutcome, TransferOutcome
-from .plots import PLOTS, draw_plots
-from .tables import NO_RUNS, SourceResult, Table1Row, arch_bars, is_dense, mode_order, table1
+from ..visualize.grids import image_grid
+from .outcomes import PictureOutcome, SourceOutcome, TransferOutcome
+from .plots import PLOTS, draw_plots, png_of
+from .tables import (
+    NO_RUNS,
+    SourceResult,
+    Table1Row,
+    arch_bars,
+    best_eps,
+    best_per_eps,
+    is_dense,
+    mode_order,
+    notions,
+    resolution_rows,
+    source_vs_transfer,
+    table1,
+)
 
 SIDES = ("robust", "standard")
 SIDE_FIELDS = ("source", "arch", "norm", "eps", "setting", "val_mean", "test_mean", "test_std", "n_seeds",
@@ -38,6 +56,9 @@ class ReportFiles:
     accuracy_vs_eps: Path | None
     architectures: Path | None
     robust_after_transfer: Path | None
+    resolution: Path | None
+    source_vs_transfer: Path | None
+    pictures: tuple[Path, ...] = ()
 
 
 # The page as blocks: ("h", level, text), ("p", text), ("table", header, rows), ("list", items), ("img", name, png).
@@ -179,7 +200,11 @@ def _sources_blocks(sources: list[SourceOutcome]) -> list[tuple]:
     if not sources:
         return blocks + [("p", "No source models are recorded in the store.")]
     header = ["source", "arch", "trained as", "norm", "clean acc", "robust acc", "robust acc under"]
-    trained = lambda s: "standard (eps 0)" if s.eps == 0 else f"robust (eps {format_eps(s.eps, s.norm)})"
+    def trained(s: SourceOutcome) -> str:
+        if s.noise_sigma is not None:
+            return f"Gaussian noise (sigma {s.noise_sigma:g})"
+        return "standard (eps 0)" if s.eps == 0 else f"robust (eps {format_eps(s.eps, s.norm)})"
+
     rows = [[s.source, s.arch, trained(s), s.norm or "—", _pct(s.clean_acc), _pct(s.robust_acc), s.threat or "—"]
             for s in sorted(sources, key=lambda s: (s.arch, s.norm or "", s.eps, s.source))]
     return blocks + [("p", "Each source's accuracy on its own test data, clean and under the study's attack."),
@@ -193,8 +218,142 @@ def _arch_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
              _score(row.best_robust), _source(row.best_standard, "standard"), _score(row.best_standard),
              _delta(row), _winner(row)] for row in arch_bars(transfers)]
     return [("h", 2, "Per architecture"),
-            ("p", "Table 1 within each architecture (the paper's Figure 4), selected on validation the same way."),
+            ("p", "Table 1 within each architecture (the paper's Figure 4), selected on validation the same way; "
+                  "each family's networks smallest first (ResNet-18, ResNet-50, WRN-50-2, WRN-50-4 for the paper's "
+                  "width study)."),
             ("table", header, rows)]
+
+
+def _best_eps_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
+    """Per target, mode and architecture: the source eps selected on validation over all eps (the star of
+    accuracy_vs_eps.png), beside the standard and the most robust source's scores."""
+    curves = {key: results for key, results in best_per_eps(transfers).items() if len({r.eps for r in results}) > 1}
+    if not curves:
+        return []
+    header = ["dataset", "mode", "arch", "best eps", "its test", "standard (eps 0) test", "largest eps",
+              "largest eps test"]
+    rows = []
+    for key, best in best_eps(curves).items():
+        results = curves[key]
+        standard = next((r for r in results if r.eps == 0), None)
+        largest = results[-1]
+        rows.append([key.dataset, key.mode, key.arch, _eps(best) if best.robust else "0 (standard)", _score(best),
+                     _score(standard), _eps(largest), _score(largest)])
+    interior = sum(row[3] not in ("0 (standard)", rows[i][6]) for i, row in enumerate(rows))
+    return [("h", 2, "Robustness level: the best source eps per target"),
+            ("p", "The source eps whose transfer scores highest on validation among all eps, reported on test "
+                  "(starred in accuracy_vs_eps.png). The paper finds the best eps is often neither 0 nor the "
+                  f"largest tried; here it lies strictly between them in {interior} of "
+                  f"{_plural(len(rows), 'curve')}."),
+            ("table", header, rows)]
+
+
+def _resolution_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
+    rows = resolution_rows(transfers)
+    if not rows:
+        return []
+    header = ["target", "mode", "resolution", "native: robust − standard", "native: better",
+              "low resolution: robust − standard", "low resolution: better"]
+    table = [[row.target, row.mode, f"{row.resolution} px", _delta(row.native), _winner(row.native), _delta(row.low),
+              _winner(row.low)] for row in rows]
+    grew = sum(row.native.delta is not None and row.low.delta is not None and row.low.delta > row.native.delta
+               for row in rows)
+    return [("h", 2, "Input resolution"),
+            ("p", "Every image of each target taken down to a low resolution and back up to its size before "
+                  "transfer (the paper's 32 px experiment), against the same transfer at native resolution: the best "
+                  "robust minus the best standard source, each selected on validation. The robust advantage is "
+                  f"larger at low resolution in {grew} of {_plural(len(rows), 'comparison')}; resolution.png shows "
+                  "the curves."),
+            ("table", header, table)]
+
+
+def _notion_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
+    rows = notions(transfers)
+    if not rows:
+        return []
+
+    def side(result: SourceResult | None) -> str:
+        if result is None:
+            return "—"
+        level = f", sigma {result.noise_sigma:g}" if result.noise_sigma is not None else \
+            (f", eps {_eps(result)}" if result.robust else "")
+        return f"{_score(result)} ({result.source}{level})"
+
+    header = ["dataset", "mode", "metric", "standard", "adversarially robust", "Gaussian noise", "best"]
+    table = [[row.dataset, row.mode, row.metric, side(row.standard), side(row.adversarial), side(row.noise),
+              row.best or "—"] for row in rows]
+    counted = [row for row in rows if row.best]
+    wins = {notion: sum(row.best == notion for row in counted) for notion in ("adversarial", "noise", "standard")}
+    return [("h", 2, "Other notions of robustness: Gaussian-noise training"),
+            ("p", "Sources trained with Gaussian-noise augmentation (method noise, sigma in [0, 1] pixel units) beside "
+                  "adversarially robust and standard ones: per dataset and mode, the best source of each kind, "
+                  f"selected on validation and reported on test. Best: adversarial {wins['adversarial']}, noise "
+                  f"{wins['noise']}, standard {wins['standard']} of {len(counted)}."),
+            ("table", header, table)]
+
+
+def _accuracy_blocks(sources: list[SourceOutcome], transfers: list[TransferOutcome]) -> list[tuple]:
+    points = {key: mine for key, mine in source_vs_transfer(sources, transfers).items() if len(mine) > 1}
+    if not points:
+        return []
+    header = ["dataset", "mode", "most accurate source", "its transfer test", "best-transferring source",
+              "its transfer test", "same source"]
+    table, same = [], 0
+    for (dataset, mode), mine in points.items():
+        accurate = max(mine, key=lambda p: p.source_acc)
+        transferring = max(mine, key=lambda p: p.transfer.test_mean)
+        same += accurate.source == transferring.source
+        table.append([dataset, mode, f"{accurate.source} ({_pct(accurate.source_acc)})", _score(accurate.transfer),
+                      f"{transferring.source} ({_pct(transferring.source_acc)})", _score(transferring.transfer),
+                      "yes" if accurate.source == transferring.source else "no"])
+    return [("h", 2, "Source accuracy against transfer accuracy"),
+            ("p", "Does the more accurate source transfer better? The paper's Table 2 says not: robust models are "
+                  "less accurate on ImageNet and transfer better. Here the most accurate source is also the best-"
+                  f"transferring one in {same} of {_plural(len(table), 'case')} (source_vs_transfer.png plots "
+                  "every source)."),
+            ("table", header, table)]
+
+
+def _picture_grids(pictures: list[PictureOutcome], sources: list[SourceOutcome]) -> list[tuple[str, str, bytes]]:
+    """(file name, caption, PNG) per kind and dataset: the reference row on top, then one row per source,
+    standard first, then by eps, then noise-trained."""
+    order = {s.source: (s.noise_sigma is not None, s.eps, s.noise_sigma or 0.0, s.source) for s in sources}
+    groups: dict[tuple[str, str], list[PictureOutcome]] = {}
+    for picture in pictures:
+        groups.setdefault((picture.kind, picture.dataset), []).append(picture)
+    several = len({dataset for _, dataset in groups}) > 1
+    grids = []
+    for (kind, dataset), members in sorted(groups.items()):
+        members.sort(key=lambda p: order.get(p.source, (True, 0.0, 0.0, p.source)))
+        try:
+            loaded = [load_file(p.file) for p in members]
+        except OSError as error:
+            raise RobustTransferError(f"cannot read the {kind} pictures ({error}): run `robust-transfer study run "
+                                      "SPEC` again to redraw them") from None
+        shapes = {tuple(t["row"].shape[1:]) for t in loaded}
+        if len(shapes) > 1:  # sources of different input shapes cannot share a grid: one per shape
+            loaded, members = zip(*[(t, p) for t, p in zip(loaded, members, strict=True)
+                                    if tuple(t["row"].shape[1:]) == tuple(loaded[0]["row"].shape[1:])], strict=True)
+        rows: dict[str, torch.Tensor] = {members[0].reference_name: loaded[0]["reference"]}
+        rows.update({p.source: t["row"] for p, t in zip(members, loaded, strict=True)})
+        name = f"{kind}-{dataset}.png" if several else f"{kind}.png"
+        caption = {"inversion": f"representation inversion on {dataset}: each source's image whose penultimate "
+                                "features match the top row's, found by PGD from noise (Figure 3)",
+                   "synthesis": f"class synthesis on {dataset}: each source's targeted large-eps attack from the "
+                                "top row's class-conditional seeds",
+                   "saliency": f"input-gradient saliency on {dataset}"}[kind]
+        grids.append((name, caption, png_of(image_grid(rows))))
+    return grids
+
+
+def _picture_blocks(grids: list[tuple[str, str, bytes]]) -> list[tuple]:
+    if not grids:
+        return []
+    return [("h", 2, "Perceptual alignment"),
+            ("p", "Robust models' representations look like the images they come from (the blog's Figure 3); "
+                  "standard models' do not. One row per source."),
+            ("list", [f"{name}: {caption}" for name, caption, _ in grids]),
+            *[("img", name, data) for name, _, data in grids]]
 
 
 def _plot_blocks(plots: dict[str, bytes | str]) -> list[tuple]:
@@ -307,8 +466,9 @@ def _write(path: Path, data: bytes | str) -> Path:
 
 
 def write_report(transfers: list[TransferOutcome], sources: list[SourceOutcome], out_dir: str | os.PathLike,
-                 title: str = "Robust transfer study") -> ReportFiles:
-    """Write ``report.md``, ``report.html``, ``table1.csv``, ``runs.csv`` and the PNG plots into ``out_dir``.
+                 title: str = "Robust transfer study", pictures: list[PictureOutcome] = ()) -> ReportFiles:
+    """Write ``report.md``, ``report.html``, ``table1.csv``, ``runs.csv``, the PNG plots and the picture grids
+    (one per kind of ``pictures``) into ``out_dir``.
 
     A plot with nothing to draw is not written (and a stale copy from an earlier report is removed);
     the Markdown and HTML say why. Raises :class:`RobustTransferError` when there are no transfer runs.
@@ -318,7 +478,8 @@ def write_report(transfers: list[TransferOutcome], sources: list[SourceOutcome],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = table1(transfers)
-    plots = draw_plots(transfers, rows)
+    plots = draw_plots(transfers, rows, sources)
+    grids = _picture_grids(list(pictures), sources)
     written = {}
     for name, (filename, _) in PLOTS.items():
         if isinstance(plots[name], bytes):
@@ -331,9 +492,12 @@ def write_report(transfers: list[TransferOutcome], sources: list[SourceOutcome],
     dense = [row for row in rows if is_dense(row.mode)]
     blocks = [("h", 1, title), ("p", _summary(transfers, sources)),
               *(_table1_blocks(classified, attacks) if classified else []), *(_dense_blocks(dense) if dense else []),
-              *_sources_blocks(sources), *_arch_blocks(transfers), *_plot_blocks(plots)]
+              *_sources_blocks(sources), *_arch_blocks(transfers), *_best_eps_blocks(transfers),
+              *_resolution_blocks(transfers), *_notion_blocks(transfers), *_accuracy_blocks(sources, transfers),
+              *_picture_blocks(grids), *_plot_blocks(plots)]
     return ReportFiles(
         markdown=_write(out / "report.md", render_markdown(blocks)),
         html=_write(out / "report.html", render_html(blocks, title)),
         table1_csv=_write(out / "table1.csv", table1_csv(rows)),
-        runs_csv=_write(out / "runs.csv", runs_csv(transfers)), **written)
+        runs_csv=_write(out / "runs.csv", runs_csv(transfers)), **written,
+        pictures=tuple(_write(out / name, data) for name, _, data in grids))

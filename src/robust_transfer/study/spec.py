@@ -14,12 +14,24 @@ A spec looks like this (every table but ``[[sources]]`` is optional)::
     steps = 20
     examples = 500
 
+    resolution = 14     # also transfer every classification target at 14 px (down and back up)
+
     [[sources]]         # one of: zoo = NAME, file = PATH, or a [sources.pretrain] recipe
     label = "fmnist"
     eps = [0, 0.5, 1]   # pretraining sources: one model per eps (method pgd; eps 0 = standard)
     [sources.pretrain]  # any `robust-transfer pretrain` setting
     dataset = "fashion-mnist"
     arch = "small_resnet"
+
+    [[sources]]         # Gaussian-noise augmentation, the paper's other notion of robustness
+    label = "noise"
+    sigma = [0.1, 0.25] # one model per noise std, in [0, 1] pixel units
+    [sources.pretrain]
+    method = "noise"
+
+    [pictures]          # perceptual-alignment grids in the report, one row per source
+    kinds = ["inversion"]   # inversion, synthesis, saliency
+    images = 8
 
     [transfer]          # any `robust-transfer transfer` setting, for every run
     epochs = 5
@@ -53,22 +65,26 @@ from ..data.scenes import SCENES_NAME
 from ..detect.config import DetectConfig
 from ..errors import RobustTransferError
 from ..parsing import parse_eps
+from ..threat import ThreatModel
 from ..train import PretrainConfig
 from ..train.config import EXECUTION_FIELDS as PRETRAIN_EXECUTION_FIELDS
 from ..transfer import TransferConfig
+from ..visualize.pictures import DEFAULT_ATTACK, KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "detect", "grid")
-SOURCE_KEYS = ("label", "zoo", "file", "pretrain", "eps")
+TOP_LEVEL = ("name", "out_dir", "targets", "modes", "seeds", "threat", "sources", "transfer", "detect", "grid",
+             "resolution", "pictures")
+SOURCE_KEYS = ("label", "zoo", "file", "pretrain", "eps", "sigma")
+PICTURE_KEYS = ("kinds", "dataset", "data_root", "images", "eps", "steps", "step_size")
 TARGET_KEYS = ("dataset", "data_root", "label")
 THREAT_KEYS = ("attack", "norm", "eps", "steps", "step_size", "restarts", "examples")
 # Transfer settings a study decides itself: the source, where the run writes, what is shared.
 STUDY_OWNED = ("source", "out_dir", "cache_dir", "progress", "dataset", "data_root", "mode", "seed", "resume",
-               "eval_attack", "eval_examples")
+               "eval_attack", "eval_examples", "resolution")
 DETECT_OWNED = ("source", "data", "layout", "task", "out_dir", "progress", "seed", "resume")
 # Detection targets: the embedded scenes, or a folder in one of detect's layouts (the dataset names the layout).
 DETECTION_TARGETS = (SCENES_NAME, "coco", "voc", "coco-folder")
@@ -81,6 +97,18 @@ class Threat:
 
     attack: Attack | None = None
     examples: int = 500
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """Perceptual-alignment grids the study draws for its report: each ``kinds`` entry, one row per source, on
+    ``images`` test images of ``dataset`` (None: each pretraining source's own), searched by ``attack``."""
+
+    kinds: tuple[str, ...]
+    dataset: str | None = None
+    data_root: str | None = None
+    images: int = 8
+    attack: Attack = DEFAULT_ATTACK
 
 
 @dataclass(frozen=True)
@@ -121,6 +149,8 @@ class StudySpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     detect: dict[str, Any] = field(default_factory=dict)
     task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resolutions: tuple[int, ...] = ()   # low resolutions every classification target also runs at
+    pictures: Pictures | None = None
     origin: str = "<spec>"
 
     def targets_for(self, mode: str) -> tuple[Target, ...]:
@@ -200,9 +230,16 @@ def parse_spec(document: dict[str, Any], origin: str = "<spec>", base: Path | No
     detect, task_settings = _settings(document.get("detect", {}), tuple(m for m in modes if m in TASKS),
                                       _detect_fields(), "detect", check)
     grid = _grid(document.get("grid", {}), check)
+    resolutions = tuple(check.list_of(document["resolution"], int, "resolution")) if "resolution" in document else ()
+    if any(r < 1 for r in resolutions):
+        raise check.fail("resolution", f"expected positive numbers of pixels, got {list(resolutions)}")
+    if resolutions and not classify:
+        raise check.fail("resolution", "applies to classification targets, and the study has no classification mode")
+    pictures = _pictures(document["pictures"], sources, check) if "pictures" in document else None
     spec = StudySpec(name=name, out_dir=str(out_dir), sources=sources, targets=targets, modes=modes, seeds=seeds,
                      threat=threat, transfer=transfer, mode_settings=mode_settings, grid=grid, detect=detect,
-                     task_settings=task_settings, origin=origin)
+                     task_settings=task_settings, resolutions=tuple(sorted(set(resolutions), reverse=True)),
+                     pictures=pictures, origin=origin)
     # Build every configuration once so a bad value fails now, not in the middle of a study.
     for mode in modes:
         if mode in TASKS:
@@ -233,9 +270,10 @@ def _sources(raw: Any, check: _Checker, base: Path) -> tuple[Source, ...]:
         if len(kinds) != 1:
             raise check.fail(where, "give exactly one of zoo = NAME, file = PATH or a [sources.pretrain] table")
         label = table.get("label") or Path(str(table.get("zoo") or table.get("file") or "pretrain")).stem
-        if "eps" in table and kinds[0] != "pretrain":
-            raise check.fail(f"{where}.eps", "eps lists apply to pretraining sources; a zoo model or file "
-                                             "already has its eps")
+        for key in ("eps", "sigma"):
+            if key in table and kinds[0] != "pretrain":
+                raise check.fail(f"{where}.{key}", f"{key} lists apply to pretraining sources; a zoo model or file "
+                                                   f"already has its {key}")
         if kinds[0] == "zoo":
             sources.append(Source(label=label, zoo=str(table["zoo"])))
         elif kinds[0] == "file":
@@ -251,24 +289,62 @@ def _sources(raw: Any, check: _Checker, base: Path) -> tuple[Source, ...]:
 
 
 def _pretrain_sources(table: dict, label: str, check: _Checker, where: str) -> list[Source]:
+    """One source per eps (adversarial training) or per sigma (method noise) the table lists."""
     recipe = table["pretrain"]
     check.only(recipe, tuple(f.name for f in dataclasses.fields(PretrainConfig)
                              if f.name not in PRETRAIN_EXECUTION_FIELDS or f.name == "data_root"),
                f"{where}.pretrain")
-    eps_values = check.list_of(table.get("eps", recipe.get("eps", 1.0)), (int, float, str), f"{where}.eps")
+    noise = recipe.get("method") == "noise"
+    key, field_name, default = ("sigma", "noise_sigma", None) if noise else ("eps", "eps", 1.0)
+    other = "eps" if noise else "sigma"
+    if other in table:
+        raise check.fail(f"{where}.{other}", "sigma lists the noise stds of method noise; eps lists the radii of "
+                                             "adversarial training" + (" (this recipe's method is noise)" if noise
+                                                                       else ""))
+    raw = table.get(key, recipe.get(field_name, default))
+    if raw is None:
+        raise check.fail(f"{where}.sigma", "method noise needs sigma = [noise stds in [0, 1] pixel units]")
+    values_list = check.list_of(raw, (int, float, str), f"{where}.{key}")
     sources = []
-    for raw_eps in eps_values:
+    for raw_value in values_list:
         try:
-            eps = parse_eps(raw_eps)
-            values = {**recipe, "eps": eps}
-            if eps == 0:
-                values["method"] = "standard"
+            value = parse_eps(raw_value)
+            values = {**recipe, field_name: value}
+            if value == 0:
+                values.update(method="standard", noise_sigma=0.0)
             PretrainConfig(**values)
         except (RobustTransferError, TypeError) as error:
             raise check.fail(f"{where}.pretrain", str(error)) from None
-        name = f"{label}-eps{eps:g}" if len(eps_values) > 1 or "eps" in table else label
+        name = f"{label}-{key}{value:g}" if len(values_list) > 1 or key in table else label
         sources.append(Source(label=name, pretrain=values))
     return sources
+
+
+def _pictures(raw: Any, sources: tuple[Source, ...], check: _Checker) -> Pictures:
+    check.only(raw, PICTURE_KEYS, "[pictures]")
+    kinds = tuple(check.list_of(raw.get("kinds", ["inversion"]), str, "[pictures].kinds"))
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise check.fail("[pictures].kinds", f"unknown kind {unknown[0]!r}; use {', '.join(KINDS)}")
+    dataset = raw.get("dataset")
+    if dataset is not None and dataset not in list_datasets():
+        raise check.fail("[pictures].dataset", f"unknown dataset {dataset!r}; known: {', '.join(list_datasets())}")
+    if dataset is None and any(source.pretrain is None for source in sources):
+        raise check.fail("[pictures].dataset", "give the dataset to draw from: a zoo or file source has no "
+                                               "pretraining dataset of the study's to default to")
+    images = raw.get("images", 8)
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise check.fail("[pictures].images", f"expected a number of images >= 1, got {images!r}")
+    try:
+        changes = {k: raw[k] for k in ("steps", "step_size") if k in raw}
+        if "eps" in raw:
+            changes["threat"] = ThreatModel("l2", raw["eps"])
+        attack = DEFAULT_ATTACK.replace(**changes)
+        if attack.steps < 1 or attack.threat.eps <= 0:
+            raise RobustTransferError("steps and eps must be > 0")
+    except (RobustTransferError, TypeError, ValueError) as error:
+        raise check.fail("[pictures]", str(error)) from None
+    return Pictures(tuple(dict.fromkeys(kinds)), dataset, raw.get("data_root"), images, attack)
 
 
 def _targets(raw: Any, check: _Checker) -> tuple[Target, ...]:

@@ -1,9 +1,13 @@
-"""The report's numbers: Table 1, accuracy-vs-eps curves and per-architecture bars, from finished transfer runs.
+"""The report's numbers: Table 1, accuracy-vs-eps curves, per-architecture bars and the paper's analyses (best
+eps, resolution, other notions of robustness, source vs transfer accuracy), from finished transfer runs.
 
 Pure computations over :class:`~robust_transfer.study.outcomes.TransferOutcome` records; writing files is
 :mod:`robust_transfer.study.report`'s job. Every choice follows the paper: runs of one source and one
 hyperparameter setting are pooled over seeds, and the best of several is *selected on validation and
 reported on test*, so the test set never chooses what it scores.
+
+Sources trained with Gaussian noise (``noise_sigma`` set) have eps 0 but are not standard: Table 1, the curves
+and the bars compare adversarially robust sources with standard ones only, and `notions` adds the noise ones.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import NamedTuple
 
 from ..data.detection import TASKS
 from ..errors import RobustTransferError
-from .outcomes import TransferOutcome
+from ..models.registry import size_order
+from .outcomes import SourceOutcome, TransferOutcome
 
 NO_RUNS = "no finished transfer runs in the store yet: run `robust-transfer study run SPEC` first"
 TIE_TOLERANCE = 1e-9  # test means closer than this are float noise, not a difference
@@ -43,10 +48,17 @@ class SourceResult:
     n_seeds: int
     robust_acc: float | None
     mask_ap: float | None = None
+    noise_sigma: float | None = None
 
     @property
     def robust(self) -> bool:
+        """Adversarially robust (eps > 0)."""
         return self.eps > 0
+
+    @property
+    def notion(self) -> str:
+        """``adversarial``, ``noise`` (Gaussian-noise augmentation) or ``standard``."""
+        return "noise" if self.noise_sigma is not None else "adversarial" if self.robust else "standard"
 
 
 @dataclass(frozen=True)
@@ -128,15 +140,20 @@ def _pool(runs: list[TransferOutcome]) -> SourceResult:
         setting=first.setting, metric=first.metric, val_mean=statistics.fmean(run.val_score for run in runs),
         test_mean=statistics.fmean(tests), test_std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
         n_seeds=len(runs), robust_acc=statistics.fmean(robust) if robust else None,
-        mask_ap=statistics.fmean(masks) if masks else None)
+        mask_ap=statistics.fmean(masks) if masks else None, noise_sigma=first.noise_sigma)
 
 
 def pool_seeds(transfers: Iterable[TransferOutcome]) -> list[SourceResult]:
     """Pool runs that differ only in their seed: one result per (source, setting)."""
     groups: dict[tuple, list[TransferOutcome]] = defaultdict(list)
     for run in transfers:
-        groups[(run.source, run.arch, run.norm, run.eps, run.setting)].append(run)
+        groups[(run.source, run.arch, run.norm, run.eps, run.noise_sigma, run.setting)].append(run)
     return [_pool(runs) for runs in groups.values()]
+
+
+def _without_noise(transfers: Iterable[TransferOutcome]) -> list[TransferOutcome]:
+    """Adversarially robust and standard sources only: what Table 1, the curves and the bars compare."""
+    return [run for run in transfers if run.noise_sigma is None]
 
 
 def select(results: Iterable[SourceResult]) -> SourceResult | None:
@@ -169,7 +186,7 @@ def table1(transfers: list[TransferOutcome]) -> list[Table1Row]:
     """
     _require(transfers)
     rows = []
-    for (dataset, mode), runs in _by(transfers, "dataset", "mode").items():
+    for (dataset, mode), runs in _by(_without_noise(transfers), "dataset", "mode").items():
         results = pool_seeds(runs)
         metric = "/".join(sorted({r.metric for r in results}))
         rows.append(Table1Row(dataset, mode, metric, *_compare(results)))
@@ -177,11 +194,14 @@ def table1(transfers: list[TransferOutcome]) -> list[Table1Row]:
 
 
 def arch_bars(transfers: list[TransferOutcome]) -> list[ArchRow]:
-    """Per dataset, mode and architecture: the best robust against the best standard source (Figure 4)."""
+    """Per dataset, mode and architecture: the best robust against the best standard source (Figure 4).
+
+    Within a dataset and mode, architectures come family by family, smallest first (ResNet-18, ResNet-50,
+    WRN-50-2, WRN-50-4: the paper's width study), as the registry declares them."""
     _require(transfers)
     rows = [ArchRow(dataset, mode, arch, *_compare(pool_seeds(runs)))
-            for (dataset, mode, arch), runs in _by(transfers, "dataset", "mode", "arch").items()]
-    return sorted(rows, key=lambda row: (row.dataset, mode_order(row.mode), row.arch))
+            for (dataset, mode, arch), runs in _by(_without_noise(transfers), "dataset", "mode", "arch").items()]
+    return sorted(rows, key=lambda row: (row.dataset, mode_order(row.mode), size_order(row.arch)))
 
 
 def _best_at_each_eps(results: list[SourceResult]) -> list[SourceResult]:
@@ -195,7 +215,7 @@ def best_per_eps(transfers: list[TransferOutcome]) -> dict[CurveKey, list[Source
     """Per :class:`CurveKey`, the best result at each source eps (selected on validation), by eps."""
     _require(transfers)
     curves = {}
-    for (dataset, mode, arch), runs in _by(transfers, "dataset", "mode", "arch").items():
+    for (dataset, mode, arch), runs in _by(_without_noise(transfers), "dataset", "mode", "arch").items():
         results = pool_seeds(runs)
         standard = [r for r in results if not r.robust]
         norms = sorted({r.norm or "" for r in results if r.robust}) or [None]
@@ -203,7 +223,7 @@ def best_per_eps(transfers: list[TransferOutcome]) -> dict[CurveKey, list[Source
             robust = [r for r in results if r.robust and (r.norm or "") == norm]
             curves[CurveKey(dataset, mode, arch, norm or None)] = _best_at_each_eps(standard + robust)
     return dict(sorted(curves.items(), key=lambda item: (item[0].dataset, mode_order(item[0].mode),
-                                                         item[0].arch, item[0].norm or "")))
+                                                         size_order(item[0].arch), item[0].norm or "")))
 
 
 def eps_curves(transfers: list[TransferOutcome]) -> dict[CurveKey, list[CurvePoint]]:
@@ -214,3 +234,93 @@ def eps_curves(transfers: list[TransferOutcome]) -> dict[CurveKey, list[CurvePoi
     """
     return {key: [CurvePoint(r.eps, r.test_mean, r.test_std) for r in results]
             for key, results in best_per_eps(transfers).items()}
+
+
+def best_eps(curves: dict[CurveKey, list[SourceResult]]) -> dict[CurveKey, SourceResult]:
+    """Per curve, the point selected on validation over every eps: the robustness level that transfers best
+    to that target (the paper's Figure 2 argument: neither the most robust nor the standard source)."""
+    return {key: select(results) for key, results in curves.items() if results}
+
+
+@dataclass(frozen=True)
+class NotionRow:
+    """One dataset and mode: the best standard, adversarially robust and Gaussian-noise source (on validation)."""
+
+    dataset: str
+    mode: str
+    metric: str
+    standard: SourceResult | None
+    adversarial: SourceResult | None
+    noise: SourceResult | None
+
+    @property
+    def best(self) -> str | None:
+        """The notion with the highest test mean among those present (None: fewer than two present)."""
+        present = {name: result for name, result in (("standard", self.standard), ("adversarial", self.adversarial),
+                                                       ("noise", self.noise)) if result is not None}
+        if len(present) < 2:
+            return None
+        return max(present, key=lambda name: present[name].test_mean)
+
+
+def notions(transfers: list[TransferOutcome]) -> list[NotionRow]:
+    """Other notions of robustness: per dataset and mode, the best source of each notion (selected on
+    validation, reported on test). Empty when no source was trained with Gaussian noise."""
+    if not any(run.noise_sigma is not None for run in transfers):
+        return []
+    rows = []
+    for (dataset, mode), runs in _by(transfers, "dataset", "mode").items():
+        results = pool_seeds(runs)
+        best = {notion: select(r for r in results if r.notion == notion)
+                for notion in ("standard", "adversarial", "noise")}
+        rows.append(NotionRow(dataset, mode, "/".join(sorted({r.metric for r in results})), **best))
+    return sorted(rows, key=lambda row: (row.dataset, mode_order(row.mode)))
+
+
+@dataclass(frozen=True)
+class ResolutionRow:
+    """Table 1's comparison for one target and mode at its native resolution and at a low one."""
+
+    target: str
+    mode: str
+    resolution: int
+    native: Table1Row
+    low: Table1Row
+
+
+def resolution_rows(transfers: list[TransferOutcome]) -> list[ResolutionRow]:
+    """Per target, mode and low resolution: Table 1 at native resolution beside Table 1 at that resolution."""
+    where = {run.dataset: (run.target or run.dataset, run.resolution) for run in transfers}
+    if not any(resolution for _, resolution in where.values()):
+        return []
+    rows = table1(transfers)
+    native = {(where[row.dataset][0], row.mode): row for row in rows if where[row.dataset][1] is None}
+    paired = [ResolutionRow(target, row.mode, resolution, native[(target, row.mode)], row)
+              for row in rows for target, resolution in [where[row.dataset]]
+              if resolution is not None and (target, row.mode) in native]
+    return sorted(paired, key=lambda row: (row.target, mode_order(row.mode), -row.resolution))
+
+
+class AccuracyPoint(NamedTuple):
+    """One source on one target and mode: its own clean accuracy against its best transfer score."""
+
+    source: str
+    notion: str
+    eps: float
+    source_acc: float
+    transfer: SourceResult
+
+
+def source_vs_transfer(sources: list[SourceOutcome],
+                       transfers: list[TransferOutcome]) -> dict[tuple[str, str], list[AccuracyPoint]]:
+    """Per (dataset, mode): each source whose own test accuracy is known, against its transfer test score at
+    the setting selected on validation (the paper's Table 2 argument: source accuracy does not order transfer)."""
+    accuracy = {s.source: s.clean_acc for s in sources if s.clean_acc is not None}
+    points: dict[tuple[str, str], list[AccuracyPoint]] = {}
+    for (dataset, mode, source), runs in sorted(_by(transfers, "dataset", "mode", "source").items(),
+                                                key=lambda item: (item[0][0], mode_order(item[0][1]), item[0][2])):
+        if source in accuracy:
+            best = select(pool_seeds(runs))
+            points.setdefault((dataset, mode), []).append(AccuracyPoint(source, best.notion, best.eps,
+                                                                        accuracy[source], best))
+    return points

@@ -37,7 +37,8 @@ class PretrainConfig:
     data_root: str | None = field(default=None, metadata=helped(
         "folder holding the dataset (default: where the dataset is installed)"))
     method: str = field(default="pgd", metadata=helped(
-        "standard, pgd (PGD-AT), fgsm-rs (fast AT) or free (minibatch replay)"))
+        "standard, pgd (PGD-AT), fgsm-rs (fast AT), free (minibatch replay) or noise (Gaussian-noise augmentation, "
+        "--noise-sigma)"))
     norm: str = field(default="l2", metadata=helped("threat model: l2 or linf"))
     eps: float = field(default=1.0, metadata=helped(
         "radius in [0,1] pixel units; fractions such as 8/255 are fine; 0 = standard training", parse=parse_eps))
@@ -46,6 +47,9 @@ class PretrainConfig:
         "attack step in pixel units (default 2.5*eps/steps; 1.25*eps for fgsm-rs; eps for free)", parse=parse_eps))
     random_start: bool = field(default=True, metadata=helped("start PGD training attacks at the clean input"))
     free_replays: int = field(default=4, metadata=helped("replays of each batch (method free)"))
+    noise_sigma: float = field(default=0.0, metadata=helped(
+        "std of the Gaussian noise added to every training pixel, in [0,1] pixel units like eps (0.25 = 64/255; "
+        "method noise)", parse=parse_eps))
     epochs: int = field(default=10, metadata=helped("training epochs"))
     batch_size: int = field(default=128, metadata=helped("global batch size (split over processes under torchrun)"))
     lr: float = field(default=0.1, metadata=helped("peak learning rate of SGD with momentum"))
@@ -94,6 +98,11 @@ class PretrainConfig:
                 raise RobustTransferError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise RobustTransferError(f"val-fraction must be between 0 and 1, got {self.val_fraction}")
+        self.noise_sigma = parse_eps(self.noise_sigma)
+        if self.method == "noise" and self.noise_sigma <= 0:
+            raise RobustTransferError("method noise needs --noise-sigma > 0 (the noise std in [0,1] pixel units)")
+        if self.method != "noise" and self.noise_sigma:
+            raise RobustTransferError(f"--noise-sigma applies to method noise, not {self.method}")
         if self.train_examples is not None and self.train_examples < self.batch_size:
             raise RobustTransferError(
                 f"train-examples ({self.train_examples}) must be at least the batch size ({self.batch_size})")
@@ -101,6 +110,16 @@ class PretrainConfig:
     @property
     def threat(self) -> ThreatModel:
         return ThreatModel(self.norm, self.eps)
+
+    @property
+    def adversarial(self) -> bool:
+        """Trained against an adversary: an attack method with eps > 0 (not standard, not noise)."""
+        return self.method not in ("standard", "noise") and self.eps > 0
+
+    @property
+    def trained_threat(self) -> ThreatModel:
+        """The threat the model was trained to resist (its metadata's): eps 0 unless adversarially trained."""
+        return ThreatModel(self.norm, self.eps if self.adversarial else 0.0)
 
     @property
     def training_attack(self) -> Attack:
@@ -122,10 +141,10 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     def recipe(self) -> dict:
-        """The fields that determine the result (what a resumed run must agree on); ``arch_options`` only when
-        set, so runs recorded before it existed keep their identity."""
+        """The fields that determine the result (what a resumed run must agree on); ``arch_options`` and
+        ``noise_sigma`` only when set, so runs recorded before they existed keep their identity."""
         return {k: v for k, v in self.to_dict().items()
-                if k not in EXECUTION_FIELDS and not (k == "arch_options" and not v)}
+                if k not in EXECUTION_FIELDS and not (k in ("arch_options", "noise_sigma") and not v)}
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:

@@ -123,7 +123,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     augment = config.augment or data.default_augment
     model = create_model(config.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                          mean=data.mean, std=data.std, image_size=data.image_size, **config.arch_options)
-    objective = make_objective(config.method, config.training_attack, config.free_replays, config.label_smoothing)
+    objective = make_objective(config.method, config.training_attack, config.free_replays, config.label_smoothing,
+                               config.noise_sigma)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     batches_per_epoch = len(make_batches(train_set, config.batch_size, shuffle=True, drop_last=True))
@@ -170,7 +171,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     if context.is_main:
         test = _test(config, model, data.test, precision)
         metadata = {
-            "threat": {"norm": config.norm, "eps": config.eps}, "recipe": config.recipe(),
+            # What it was trained to resist: eps 0 for standard and noise training, whatever --eps said.
+            "threat": {"norm": config.norm, "eps": config.trained_threat.eps}, "recipe": config.recipe(),
             "source_data": config.dataset, "input_size": data.image_size, "accuracies": {"test": test.to_dict()},
             "software": f"robust-transfer {__version__}",
         }

@@ -3,7 +3,8 @@
 standard: L(x, y).  pgd: L(PGD(x), y), the Madry et al. min-max.  fgsm-rs: one FGSM step from a
 random start with step 1.25 * eps (Wong et al., "Fast is better than free").  free: minibatch
 replay (Shafahi et al.), where one backward pass yields both the weight gradient and the
-perturbation's gradient, the perturbation persisting across replays and batches.
+perturbation's gradient, the perturbation persisting across replays and batches.  noise: L(x + n, y) with
+n ~ N(0, sigma^2) per pixel, Gaussian-noise augmentation, the paper's "other notion of robustness".
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..errors import RobustTransferError
 from ..runtime import prepare_batch
 from ..threat import ThreatModel
 
-METHODS = ("standard", "pgd", "fgsm-rs", "free")
+METHODS = ("standard", "pgd", "fgsm-rs", "free", "noise")
 
 
 @dataclass
@@ -124,11 +125,29 @@ class FreeObjective(Objective):
         self._delta = state.get("delta")
 
 
+@dataclass
+class NoiseObjective(Objective):
+    """Gaussian-noise augmentation: each training image plus fresh N(0, sigma^2) noise per pixel (sigma in [0, 1]
+    pixel units), clipped to the image box. The noise draws from torch's global generator, which checkpoints
+    save, so a resumed run draws what an uninterrupted one does."""
+
+    sigma: float = 0.0
+
+    def perturb(self, attack_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(x, dtype=torch.float32).mul_(self.sigma)  # keeps x's memory layout
+        return (x.float() + noise).clamp_(0, 1)
+
+
 def make_objective(method: str, attack: Attack | None = None, free_replays: int = 4,
-                   label_smoothing: float = 0.0) -> Objective:
-    """Build the objective for ``method`` (one of METHODS) around ``attack``. eps = 0 makes any method standard."""
+                   label_smoothing: float = 0.0, noise_sigma: float = 0.0) -> Objective:
+    """Build the objective for ``method`` (one of METHODS) around ``attack``. eps = 0 makes any adversarial
+    method standard; ``noise`` adds Gaussian noise of std ``noise_sigma`` and ignores the attack."""
     if method not in METHODS:
         raise RobustTransferError(f"unknown training method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "noise":
+        if noise_sigma <= 0:
+            raise RobustTransferError(f"--noise-sigma must be > 0 for noise training, got {noise_sigma}")
+        return NoiseObjective(label_smoothing=label_smoothing, sigma=noise_sigma)
     if method == "standard" or attack is None or attack.threat.eps == 0:
         return Objective(label_smoothing=label_smoothing)
     if method == "pgd":

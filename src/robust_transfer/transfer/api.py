@@ -20,6 +20,7 @@ from .. import __version__
 from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..data import InMemoryDataset, load_dataset, sample_examples
 from ..data.augment import EVAL_TRANSFORM
+from ..data.resolution import at_resolution
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
 from ..models import NormalizedModel, load_model, save_model
@@ -131,6 +132,8 @@ def _transfer(config: TransferConfig, out_dir: Path, device: torch.device, preci
     image_size = config.image_size or source.metadata.get("input_size")
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed,
                         image_size=image_size, in_channels=source.spec.in_channels)
+    if config.resolution is not None:
+        data = at_resolution(data, config.resolution)
     train_set = sample_examples(data.train, config.train_examples, config.seed)
     frozen = config.frozen_stages_spec()
     if frozen != "all" and not 0 <= frozen <= num_stages(source):
@@ -197,7 +200,8 @@ def _fixed_fast(config: TransferConfig, source, source_hash: str, data, train_se
         key = cache.key(model=source_hash, dataset=config.dataset, root=config.data_root, split=split,
                         image_size=data.image_size, in_channels=data.in_channels, seed=config.seed,
                         val_fraction=config.val_fraction, count=len(dataset), precision=precision,
-                        held_out_transform=EVAL_TRANSFORM)  # features cached before it are stale
+                        held_out_transform=EVAL_TRANSFORM,  # features cached before it are stale
+                        **({"resolution": config.resolution} if config.resolution else {}))
         begun = time.perf_counter()
         computed, cached = cache.get_or_compute(key, lambda: extract_features(
             extractor, dataset, device, precision, progress=config.progress, description=f"features {split}"))

@@ -18,7 +18,8 @@ PROTOCOLS = ("fast", "paper")
 _PARTIAL = re.compile(r"^partial:(\d+)$")
 # Fields that change how a run is executed but not what it computes: a resume may change them.
 EXECUTION_FIELDS = ("out_dir", "cache_dir", "progress", "device", "resume")
-_SOURCE_FIELDS = ("source_arch", "source_options")
+# Recorded only when set, so runs recorded before these fields existed keep their identity.
+_IF_SET_FIELDS = ("source_arch", "source_options", "resolution")
 
 
 @dataclass
@@ -66,6 +67,9 @@ class TransferConfig:
     image_size: int | None = field(default=None, metadata=helped(
         "resize target images to this side (default: the source model's training size; e.g. 32 for "
         "low-resolution transfer)"))
+    resolution: int | None = field(default=None, metadata=helped(
+        "downsample every target image to R x R pixels and back up to its size before anything sees it (the "
+        "paper's 32 px experiment); default: full resolution", metavar="R"))
     augment: str | None = field(default=None, metadata=helped("crop-flip, crop, resized-crop-flip or none"))
     val_fraction: float = field(default=0.1, metadata=helped("share of the training data held out for validation"))
     train_examples: int | None = field(default=None, metadata=helped(
@@ -107,6 +111,8 @@ class TransferConfig:
             raise RobustTransferError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise RobustTransferError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.resolution is not None and self.resolution < 1:
+            raise RobustTransferError(f"resolution must be a positive number of pixels, got {self.resolution}")
 
     def frozen_stages_spec(self) -> str | int:
         """``"all"`` for fixed, 0 for full, K for partial:K."""
@@ -141,6 +147,6 @@ class TransferConfig:
 
 
 def recipe_of(recorded: dict) -> dict:
-    """The recipe part of a recorded configuration: the source's architecture fields only when set, so runs
-    recorded before they existed keep their identity."""
-    return {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS and not (k in _SOURCE_FIELDS and not v)}
+    """The recipe part of a recorded configuration: the source's architecture fields and the resolution only when
+    set, so runs recorded before they existed keep their identity."""
+    return {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS and not (k in _IF_SET_FIELDS and not v)}

@@ -39,6 +39,12 @@ class SourceSummary:
         """Training eps in pixel units; 0 for a standard source (and when unknown)."""
         return float((self.threat or {}).get("eps") or 0.0)
 
+    @property
+    def noise_sigma(self) -> float | None:
+        """The Gaussian noise std it was trained with (method noise), None for any other source."""
+        recipe = self.recipe or {}
+        return float(recipe["noise_sigma"]) if recipe.get("method") == "noise" else None
+
 
 @dataclass
 class TargetSummary:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..attack import Attack
 from ..data import load_dataset, sample_examples
@@ -27,6 +29,51 @@ def sample_test_images(dataset: str, data_root: str | None, count: int, seed: in
     return (images / 255 if images.max() > 1 else images), torch.tensor([int(label) for _, label in pairs])
 
 
+@dataclass(frozen=True)
+class PictureInputs:
+    """What every model of one grid starts from: the images and labels, the noise inversion starts at, the
+    class-conditional seeds synthesis starts at (None for other kinds), and the grid's reference row."""
+
+    kind: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    start: torch.Tensor
+    seeds: torch.Tensor | None
+
+    @property
+    def reference(self) -> tuple[str, torch.Tensor]:
+        """The top row: the test images (inversion, saliency) or the seeds synthesis starts from."""
+        return ("seeds", self.seeds) if self.kind == "synthesis" else ("images", self.images)
+
+
+def picture_inputs(kind: str, dataset: str, data_root: str | None, images: int, seed: int,
+                   channels: int) -> PictureInputs:
+    """The seeded inputs of one grid: the same for every model that takes ``channels``-channel images."""
+    if kind not in KINDS:
+        raise RobustTransferError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    if images < 1:
+        raise RobustTransferError(f"--images must be >= 1, got {images}")
+    x, y = sample_test_images(dataset, data_root, images, seed, channels)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.rand(x.shape, generator=generator)
+    seeds = None
+    if kind == "synthesis":
+        pool_x, pool_y = sample_test_images(dataset, data_root, 1000, seed + 1, channels)
+        seeds = class_seeds(pool_x, pool_y, y, generator=generator)
+    return PictureInputs(kind, x, y, start, seeds)
+
+
+def picture_row(model: nn.Module, inputs: PictureInputs, attack: Attack | None = None) -> torch.Tensor:
+    """One model's row of a grid: its inversions of the images from noise, its drawings of their classes from
+    the seeds, or its input-gradient maps of their true classes."""
+    attack = attack or DEFAULT_ATTACK
+    if inputs.kind == "inversion":
+        return invert_representation(model, inputs.images, inputs.start, attack)
+    if inputs.kind == "synthesis":
+        return synthesize_class(model, inputs.seeds, inputs.labels, attack)
+    return saliency(model, inputs.images, inputs.labels)
+
+
 def draw_pictures(models: list[str], kind: str, dataset: str, out: str | Path, *, labels: list[str] | None = None,
                   data_root: str | None = None, images: int = 8, attack: Attack | None = None,
                   seed: int = 0) -> Path:
@@ -41,27 +88,13 @@ def draw_pictures(models: list[str], kind: str, dataset: str, out: str | Path, *
     labels = labels or [Path(m).parent.name or Path(m).stem for m in models]
     if len(labels) != len(models):
         raise RobustTransferError(f"{len(labels)} label(s) for {len(models)} model(s): give one label per model")
-    if images < 1:
-        raise RobustTransferError(f"--images must be >= 1, got {images}")
-    attack = attack or DEFAULT_ATTACK
     loaded = [load_model(name).eval() for name in models]
     channels = loaded[0].spec.in_channels  # the images are shown as the first model takes them
-    x, y = sample_test_images(dataset, data_root, images, seed, channels)
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.rand(x.shape, generator=generator)
-    seeds = None
-    if kind == "synthesis":
-        pool_x, pool_y = sample_test_images(dataset, data_root, 1000, seed + 1, channels)
-        seeds = class_seeds(pool_x, pool_y, y, generator=generator)
-    rows = {"images": x} if kind != "synthesis" else {"seeds": seeds}
+    inputs = picture_inputs(kind, dataset, data_root, images, seed, channels)
+    rows = dict([inputs.reference])
     for label, name, model in zip(labels, models, loaded, strict=True):
         if model.spec.in_channels != channels:
             raise RobustTransferError(f"{name} takes {model.spec.in_channels}-channel images and {models[0]} "
                                       f"{channels}: one grid needs models of one input shape")
-        if kind == "inversion":
-            rows[label] = invert_representation(model, x, start, attack)
-        elif kind == "synthesis":
-            rows[label] = synthesize_class(model, seeds, y, attack)
-        else:
-            rows[label] = saliency(model, x, y)
+        rows[label] = picture_row(model, inputs, attack)
     return save_grid(rows, Path(out) / f"{kind}.png")
