@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -224,3 +226,13 @@ def test_linear_probe_reaches_the_penalised_optimum():
     loss = F.cross_entropy(standardised @ weight.T + bias, labels[:300]) + 0.5 * 1e-2 * weight.pow(2).sum()
     loss.backward()
     assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+
+
+def test_the_transfer_function_stays_callable_after_its_package_is_imported():
+    script = ("import robust_transfer.study\nfrom robust_transfer import transfer\n"
+              "from robust_transfer.transfer import transfer as function\n"
+              "assert callable(transfer) and callable(function)\n"
+              "try:\n    transfer(source='')\nexcept Exception as error:\n    print(type(error).__name__, error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("RobustTransferError give the source model")
