@@ -97,13 +97,10 @@ def _run_detect(args: argparse.Namespace) -> int:
 
 
 def _run_visualize(args: argparse.Namespace) -> int:
-    from .threat import ThreatModel
     from .visualize import draw_pictures
-    from .visualize.pictures import DEFAULT_ATTACK
+    from .visualize.pictures import picture_attack
 
-    changes = {"steps": args.steps, "step_size": args.step_size,
-               "threat": ThreatModel("l2", args.eps) if args.eps is not None else None}
-    attack = DEFAULT_ATTACK.replace(**{k: v for k, v in changes.items() if v is not None})
+    attack = picture_attack(args.eps, args.steps, args.step_size)
     path = draw_pictures(args.models, args.kind, args.dataset, args.out, labels=args.labels, data_root=args.data_root,
                          images=args.images, attack=attack, seed=args.seed)
     print(f"{args.kind}: {path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -86,3 +88,21 @@ class InMemoryDataset(Dataset):
             means.append(float(mean))
             stds.append(max(float(variance.sqrt()), 1e-3))
         return tuple(means), tuple(stds)
+
+
+class PerItem(Dataset):
+    """A lazily decoded split with an in-memory transform applied item by item: each item goes through
+    ``transform`` as a one-image `InMemoryDataset`, so it gets exactly the pixels the in-memory path gives.
+    ``transform`` must pickle (a module-level function or a `functools.partial` of one) for loader workers."""
+
+    def __init__(self, split: Dataset, transform: Callable[[InMemoryDataset], InMemoryDataset]) -> None:
+        self.split, self.transform = split, transform
+        self.labels, self.class_names = split.labels, split.class_names
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.split[index]
+        one = InMemoryDataset(image.mul(255).round_().to(torch.uint8)[None], torch.tensor([label]), self.class_names)
+        return self.transform(one)[0]

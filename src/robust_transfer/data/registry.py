@@ -15,7 +15,7 @@ from ..errors import RobustTransferError
 from .augment import center_crop, eval_resize_size
 from .cifar import load_cifar
 from .folder import TrainFiles, load_image_folder
-from .memory import InMemoryDataset
+from .memory import InMemoryDataset, PerItem
 from .sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
@@ -155,7 +155,7 @@ def eval_transform(split: Dataset, size: int) -> Dataset:
     """The paper's test transform on square images: resized to `eval_resize_size` (``size`` * 256 / 224), then
     the central ``size`` x ``size`` kept. Lazily decoded splits are transformed item by item, identically."""
     if not isinstance(split, InMemoryDataset):
-        return _EvalTransformed(split, size)
+        return PerItem(split, functools.partial(eval_transform, size=size))
     if not len(split):  # nothing to resize (a split left empty by a small class), only its shape to set
         return InMemoryDataset(split.images.new_empty((0, split.images.shape[1], size, size)), split.labels,
                                split.class_names)
@@ -163,22 +163,6 @@ def eval_transform(split: Dataset, size: int) -> Dataset:
     # pixels than decoding the file at the larger side (as `load_split` does for the folder loaders' held-out splits).
     resized = split.resized(eval_resize_size(size))
     return InMemoryDataset(center_crop(resized.images, size), split.labels, split.class_names)
-
-
-class _EvalTransformed(Dataset):
-    """`eval_transform` of a lazily decoded split, applied per item through the in-memory path (same pixels)."""
-
-    def __init__(self, split: Dataset, size: int) -> None:
-        self.split, self.size = split, size
-        self.labels, self.class_names = split.labels, split.class_names
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.split[index]
-        one = InMemoryDataset(image.mul(255).round_().to(torch.uint8)[None], torch.tensor([label]), self.class_names)
-        return eval_transform(one, self.size)[0]
 
 
 def _held_out_share(train: Dataset, indices: torch.Tensor) -> Dataset:

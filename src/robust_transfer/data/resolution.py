@@ -6,12 +6,12 @@ The image keeps its size, so the same model takes it; what it loses is the detai
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import torch
 from torch.utils.data import Dataset
 
 from ..errors import RobustTransferError
-from .memory import InMemoryDataset
+from .memory import InMemoryDataset, PerItem
 from .splits import DatasetSplits
 
 
@@ -29,26 +29,10 @@ def at_resolution(splits: DatasetSplits, resolution: int) -> DatasetSplits:
 
 
 def degrade(split: Dataset, resolution: int) -> Dataset:
-    """One split at ``resolution`` px, back at its own size."""
-    if isinstance(split, InMemoryDataset):
-        if not len(split):
-            return split
-        side = split.images.shape[-1]
-        return split.resized(resolution).resized(side) if resolution != side else split
-    return _Degraded(split, resolution)
-
-
-class _Degraded(Dataset):
-    """`degrade` of a lazily decoded split, per item through the in-memory path (the same pixels)."""
-
-    def __init__(self, split: Dataset, resolution: int) -> None:
-        self.split, self.resolution = split, resolution
-        self.labels, self.class_names = split.labels, split.class_names
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.split[index]
-        one = InMemoryDataset(image.mul(255).round_().to(torch.uint8)[None], torch.tensor([label]), self.class_names)
-        return degrade(one, self.resolution)[0]
+    """One split at ``resolution`` px, back at its own size (lazily decoded splits item by item, identically)."""
+    if not isinstance(split, InMemoryDataset):
+        return PerItem(split, functools.partial(degrade, resolution=resolution))
+    if not len(split):
+        return split
+    side = split.images.shape[-1]
+    return split.resized(resolution).resized(side) if resolution != side else split

@@ -14,7 +14,17 @@ from matplotlib.figure import Figure
 
 from ..models.registry import size_order
 from .outcomes import SourceOutcome, TransferOutcome
-from .tables import CurveKey, SourceResult, Table1Row, arch_bars, best_eps, best_per_eps, mode_order, source_vs_transfer
+from .tables import (
+    CurveKey,
+    SourceResult,
+    Table1Row,
+    arch_bars,
+    best_eps,
+    best_per_eps,
+    mode_order,
+    source_vs_transfer,
+    targets_by_label,
+)
 
 # name (a ReportFiles field) -> (file name, what it shows)
 PLOTS = {
@@ -135,7 +145,7 @@ def _arch_figure(transfers: list[TransferOutcome], metrics: dict[str, str]) -> F
 def _resolution_figure(transfers: list[TransferOutcome], curves: dict[CurveKey, list[SourceResult]],
                        metrics: dict[str, str]) -> Figure | None:
     """Per target, each mode's curve at native resolution (solid) and at each low resolution (dashed)."""
-    where = {run.dataset: (run.target or run.dataset, run.resolution) for run in transfers}
+    where = targets_by_label(transfers)
     targets = sorted({target for target, resolution in where.values() if resolution is not None
                       and (target, None) in set(where.values())})
     if not targets:

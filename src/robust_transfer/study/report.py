@@ -224,6 +224,11 @@ def _arch_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
             ("table", header, rows)]
 
 
+def _section(title: str, text: str, header: list[str], rows: list[list]) -> list[tuple]:
+    """An analysis section: its heading, what it shows and measured, and its table."""
+    return [("h", 2, title), ("p", text), ("table", header, rows)]
+
+
 def _best_eps_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
     """Per target, mode and architecture: the source eps selected on validation over all eps (the star of
     accuracy_vs_eps.png), beside the standard and the most robust source's scores."""
@@ -232,20 +237,19 @@ def _best_eps_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
         return []
     header = ["dataset", "mode", "arch", "best eps", "its test", "standard (eps 0) test", "largest eps",
               "largest eps test"]
-    rows = []
+    rows, interior = [], 0
     for key, best in best_eps(curves).items():
         results = curves[key]
         standard = next((r for r in results if r.eps == 0), None)
         largest = results[-1]
+        interior += 0 < best.eps < largest.eps
         rows.append([key.dataset, key.mode, key.arch, _eps(best) if best.robust else "0 (standard)", _score(best),
                      _score(standard), _eps(largest), _score(largest)])
-    interior = sum(row[3] not in ("0 (standard)", rows[i][6]) for i, row in enumerate(rows))
-    return [("h", 2, "Robustness level: the best source eps per target"),
-            ("p", "The source eps whose transfer scores highest on validation among all eps, reported on test "
-                  "(starred in accuracy_vs_eps.png). The paper finds the best eps is often neither 0 nor the "
-                  f"largest tried; here it lies strictly between them in {interior} of "
-                  f"{_plural(len(rows), 'curve')}."),
-            ("table", header, rows)]
+    return _section("Robustness level: the best source eps per target",
+                    "The source eps whose transfer scores highest on validation among all eps, reported on test "
+                    "(starred in accuracy_vs_eps.png). The paper finds the best eps is often neither 0 nor the "
+                    f"largest tried; here it lies strictly between them in {interior} of "
+                    f"{_plural(len(rows), 'curve')}.", header, rows)
 
 
 def _resolution_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
@@ -258,13 +262,12 @@ def _resolution_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
               _winner(row.low)] for row in rows]
     grew = sum(row.native.delta is not None and row.low.delta is not None and row.low.delta > row.native.delta
                for row in rows)
-    return [("h", 2, "Input resolution"),
-            ("p", "Every image of each target taken down to a low resolution and back up to its size before "
-                  "transfer (the paper's 32 px experiment), against the same transfer at native resolution: the best "
-                  "robust minus the best standard source, each selected on validation. The robust advantage is "
-                  f"larger at low resolution in {grew} of {_plural(len(rows), 'comparison')}; resolution.png shows "
-                  "the curves."),
-            ("table", header, table)]
+    return _section("Input resolution",
+                    "Every image of each target taken down to a low resolution and back up to its size before "
+                    "transfer (the paper's 32 px experiment), against the same transfer at native resolution: the "
+                    "best robust minus the best standard source, each selected on validation. The robust advantage "
+                    f"is larger at low resolution in {grew} of {_plural(len(rows), 'comparison')}; resolution.png "
+                    "shows the curves.", header, table)
 
 
 def _notion_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
@@ -284,12 +287,11 @@ def _notion_blocks(transfers: list[TransferOutcome]) -> list[tuple]:
               row.best or "—"] for row in rows]
     counted = [row for row in rows if row.best]
     wins = {notion: sum(row.best == notion for row in counted) for notion in ("adversarial", "noise", "standard")}
-    return [("h", 2, "Other notions of robustness: Gaussian-noise training"),
-            ("p", "Sources trained with Gaussian-noise augmentation (method noise, sigma in [0, 1] pixel units) beside "
-                  "adversarially robust and standard ones: per dataset and mode, the best source of each kind, "
-                  f"selected on validation and reported on test. Best: adversarial {wins['adversarial']}, noise "
-                  f"{wins['noise']}, standard {wins['standard']} of {len(counted)}."),
-            ("table", header, table)]
+    return _section("Other notions of robustness: Gaussian-noise training",
+                    "Sources trained with Gaussian-noise augmentation (method noise, sigma in [0, 1] pixel units) "
+                    "beside adversarially robust and standard ones: per dataset and mode, the best source of each "
+                    f"kind, selected on validation and reported on test. Best: adversarial {wins['adversarial']}, "
+                    f"noise {wins['noise']}, standard {wins['standard']} of {len(counted)}.", header, table)
 
 
 def _accuracy_blocks(sources: list[SourceOutcome], transfers: list[TransferOutcome]) -> list[tuple]:
@@ -306,12 +308,11 @@ def _accuracy_blocks(sources: list[SourceOutcome], transfers: list[TransferOutco
         table.append([dataset, mode, f"{accurate.source} ({_pct(accurate.source_acc)})", _score(accurate.transfer),
                       f"{transferring.source} ({_pct(transferring.source_acc)})", _score(transferring.transfer),
                       "yes" if accurate.source == transferring.source else "no"])
-    return [("h", 2, "Source accuracy against transfer accuracy"),
-            ("p", "Does the more accurate source transfer better? The paper's Table 2 says not: robust models are "
-                  "less accurate on ImageNet and transfer better. Here the most accurate source is also the best-"
-                  f"transferring one in {same} of {_plural(len(table), 'case')} (source_vs_transfer.png plots "
-                  "every source)."),
-            ("table", header, table)]
+    return _section("Source accuracy against transfer accuracy",
+                    "Does the more accurate source transfer better? The paper's Table 2 says not: robust models are "
+                    "less accurate on ImageNet and transfer better. Here the most accurate source is also the best-"
+                    f"transferring one in {same} of {_plural(len(table), 'case')} (source_vs_transfer.png plots "
+                    "every source).", header, table)
 
 
 def _picture_grids(pictures: list[PictureOutcome], sources: list[SourceOutcome]) -> list[tuple[str, str, bytes]]:
@@ -330,12 +331,9 @@ def _picture_grids(pictures: list[PictureOutcome], sources: list[SourceOutcome])
         except OSError as error:
             raise RobustTransferError(f"cannot read the {kind} pictures ({error}): run `robust-transfer study run "
                                       "SPEC` again to redraw them") from None
-        shapes = {tuple(t["row"].shape[1:]) for t in loaded}
-        if len(shapes) > 1:  # sources of different input shapes cannot share a grid: one per shape
-            loaded, members = zip(*[(t, p) for t, p in zip(loaded, members, strict=True)
-                                    if tuple(t["row"].shape[1:]) == tuple(loaded[0]["row"].shape[1:])], strict=True)
         rows: dict[str, torch.Tensor] = {members[0].reference_name: loaded[0]["reference"]}
-        rows.update({p.source: t["row"] for p, t in zip(members, loaded, strict=True)})
+        shape = loaded[0]["row"].shape  # a source taking other images cannot share the first one's grid
+        rows.update({p.source: t["row"] for p, t in zip(members, loaded, strict=True) if t["row"].shape == shape})
         name = f"{kind}-{dataset}.png" if several else f"{kind}.png"
         caption = {"inversion": f"representation inversion on {dataset}: each source's image whose penultimate "
                                 "features match the top row's, found by PGD from noise (Figure 3)",

@@ -65,11 +65,10 @@ from ..data.scenes import SCENES_NAME
 from ..detect.config import DetectConfig
 from ..errors import RobustTransferError
 from ..parsing import parse_eps
-from ..threat import ThreatModel
 from ..train import PretrainConfig
 from ..train.config import EXECUTION_FIELDS as PRETRAIN_EXECUTION_FIELDS
 from ..transfer import TransferConfig
-from ..visualize.pictures import DEFAULT_ATTACK, KINDS
+from ..visualize.pictures import DEFAULT_ATTACK, KINDS, picture_attack
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -298,9 +297,8 @@ def _pretrain_sources(table: dict, label: str, check: _Checker, where: str) -> l
     key, field_name, default = ("sigma", "noise_sigma", None) if noise else ("eps", "eps", 1.0)
     other = "eps" if noise else "sigma"
     if other in table:
-        raise check.fail(f"{where}.{other}", "sigma lists the noise stds of method noise; eps lists the radii of "
-                                             "adversarial training" + (" (this recipe's method is noise)" if noise
-                                                                       else ""))
+        raise check.fail(f"{where}.{other}", f"does not apply to method {recipe.get('method', 'pgd')}: eps lists "
+                                             "adversarial training's radii, sigma method noise's stds")
     raw = table.get(key, recipe.get(field_name, default))
     if raw is None:
         raise check.fail(f"{where}.sigma", "method noise needs sigma = [noise stds in [0, 1] pixel units]")
@@ -336,12 +334,7 @@ def _pictures(raw: Any, sources: tuple[Source, ...], check: _Checker) -> Picture
     if not isinstance(images, int) or isinstance(images, bool) or images < 1:
         raise check.fail("[pictures].images", f"expected a number of images >= 1, got {images!r}")
     try:
-        changes = {k: raw[k] for k in ("steps", "step_size") if k in raw}
-        if "eps" in raw:
-            changes["threat"] = ThreatModel("l2", raw["eps"])
-        attack = DEFAULT_ATTACK.replace(**changes)
-        if attack.steps < 1 or attack.threat.eps <= 0:
-            raise RobustTransferError("steps and eps must be > 0")
+        attack = picture_attack(raw.get("eps"), raw.get("steps"), raw.get("step_size"))
     except (RobustTransferError, TypeError, ValueError) as error:
         raise check.fail("[pictures]", str(error)) from None
     return Pictures(tuple(dict.fromkeys(kinds)), dataset, raw.get("data_root"), images, attack)

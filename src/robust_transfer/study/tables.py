@@ -277,6 +277,11 @@ def notions(transfers: list[TransferOutcome]) -> list[NotionRow]:
     return sorted(rows, key=lambda row: (row.dataset, mode_order(row.mode)))
 
 
+def targets_by_label(transfers: Iterable[TransferOutcome]) -> dict[str, tuple[str, int | None]]:
+    """Each dataset label of the runs (``digits``, ``digits at 7 px``) as (target, resolution; None: native)."""
+    return {run.dataset: (run.target or run.dataset, run.resolution) for run in transfers}
+
+
 @dataclass(frozen=True)
 class ResolutionRow:
     """Table 1's comparison for one target and mode at its native resolution and at a low one."""
@@ -290,7 +295,7 @@ class ResolutionRow:
 
 def resolution_rows(transfers: list[TransferOutcome]) -> list[ResolutionRow]:
     """Per target, mode and low resolution: Table 1 at native resolution beside Table 1 at that resolution."""
-    where = {run.dataset: (run.target or run.dataset, run.resolution) for run in transfers}
+    where = targets_by_label(transfers)
     if not any(resolution for _, resolution in where.values()):
         return []
     rows = table1(transfers)

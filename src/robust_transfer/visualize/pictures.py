@@ -12,12 +12,25 @@ from ..attack import Attack
 from ..data import load_dataset, sample_examples
 from ..errors import RobustTransferError
 from ..models import load_model
+from ..threat import ThreatModel
 from .grids import save_grid
 from .perception import class_seeds, invert_representation, saliency, synthesize_class
 
 KINDS = ("inversion", "synthesis", "saliency")
 DEFAULT_ATTACK = Attack.of("l2", 40.0, steps=200, step_size=0.5)
 """Inversion's and synthesis's search: a large L2 ball (pixel units), as the robustness library's recipes."""
+
+
+def picture_attack(eps: float | str | None = None, steps: int | None = None,
+                   step_size: float | str | None = None) -> Attack:
+    """`DEFAULT_ATTACK` with the given fields changed (None keeps the default); a search that cannot move is an
+    error."""
+    changes = {"steps": steps, "step_size": step_size, "threat": ThreatModel("l2", eps) if eps is not None else None}
+    attack = DEFAULT_ATTACK.replace(**{k: v for k, v in changes.items() if v is not None})
+    if attack.steps < 1 or attack.threat.eps <= 0:
+        raise RobustTransferError(f"the picture search needs steps >= 1 and eps > 0, got {attack.steps} steps and "
+                                  f"eps {attack.threat.eps:g}")
+    return attack
 
 
 def sample_test_images(dataset: str, data_root: str | None, count: int, seed: int,
