@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from robust_transfer.models import load_model
 from robust_transfer.train import PretrainConfig, loop, pretrain
 from robust_transfer.train.checkpoint import load_checkpoint
 from robust_transfer.train.objectives import Objective
+from tests.processes import kill_after_first_checkpoint
 
 TINY = dict(dataset="fashion-mnist", arch="small_resnet", train_examples=256, batch_size=64, epochs=1,
             eval_examples=64, eval_steps=2, test_steps=3, test_examples=128, attack_steps=2, eps=1.0,
@@ -60,15 +58,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
     resumed_dir = tmp_path / "resumed"
     command = [sys.executable, "-m", "robust_transfer", "pretrain", *_cli_args(config), "--out-dir", str(resumed_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = resumed_dir / "checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # mid-run: after the first checkpoint, before the end
-    process.wait()
-    assert load_checkpoint(checkpoint)["epoch"] < 3, "the run finished before it could be killed"
-
+    kill_after_first_checkpoint(command, resumed_dir / "checkpoint.pt", 3)  # after a checkpoint, before the end
     resumed = pretrain(PretrainConfig(**config, out_dir=str(resumed_dir), resume=True))
     expected, actual = load_model(reference.model_path).state_dict(), load_model(resumed.model_path).state_dict()
     assert expected.keys() == actual.keys()
@@ -170,28 +160,15 @@ def test_evaluate_of_a_missing_model_names_the_path(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every living process below ``pid`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
 def _torchrun(config: dict, out_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "robust_transfer", "pretrain", *_cli_args(config), "--out-dir", str(out_dir), *extra]
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores for two processes")
-@pytest.mark.parametrize("method", ["pgd", pytest.param("free", marks=pytest.mark.slow)])  # free: -m slow, for time
+# -m slow, for time: test_imagenet kills and resumes a two-process PGD run with unequal shares on every push.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pgd", "free"])
 def test_killed_torchrun_training_resumes_to_the_same_weights(tmp_path, method):
     # An odd global batch gives the two processes shares of 32 and 31 rows, so their random streams
     # (PGD random starts) drift apart; free training carries a perturbation per share. Both must be
@@ -204,19 +181,7 @@ def test_killed_torchrun_training_resumes_to_the_same_weights(tmp_path, method):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     resumed_dir = tmp_path / "resumed"
-    process = subprocess.Popen(_torchrun(config, resumed_dir), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    checkpoint = resumed_dir / "checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    # torchrun starts each worker in a session of its own, and workers outlive a killed agent: kill
-    # them all at once, as a lost machine would.
-    for pid in [*_descendants(process.pid), process.pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-    assert load_checkpoint(checkpoint)["epoch"] < 3, "the run finished before it could be killed"
+    kill_after_first_checkpoint(_torchrun(config, resumed_dir), resumed_dir / "checkpoint.pt", 3, env)
     resumed = subprocess.run(_torchrun(config, resumed_dir, "--resume"), capture_output=True, text=True,
                              env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Where and how fast we compute: device choice, bf16 autocast, channels_last, allocator tuning."""
+"""Where and how fast we compute: device choice, bf16 autocast, channels_last, allocator tuning, loader workers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 
 import torch
@@ -37,6 +38,18 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(ok_mmap and ok_trim)
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(requested: int | None) -> int:
+    """Data-loading workers per training process: ``requested``, or by default the cores this process may use
+    shared among the training processes on this machine (torchrun's LOCAL_WORLD_SIZE), at most 8."""
+    if requested is not None:
+        return requested
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) // local_processes))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

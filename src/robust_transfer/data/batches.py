@@ -7,7 +7,9 @@ process of a data-parallel run see exactly its share of the batch a single proce
   shuffling, else 0..N-1; global batches are consecutive ``batch_size`` slices of it;
 - sharding: rank r of w gets rows r, r + w, r + 2w, ... of every global batch;
 - augmentation: drawn for the whole global batch from a generator seeded with (seed, epoch,
-  batch index), after which each rank keeps its rows.
+  batch index), after which each rank keeps its rows; or, for image files trained with the paper's
+  RandomResizedCrop ("resized-crop-flip"), drawn per image from the original file in the loader's
+  workers with a seed of (seed, epoch, batch index, row) (see `streaming`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import RobustTransferError
 from .augment import AUGMENTATIONS, apply_augmentation, augment_batch, draw_augmentation
+from .folder import ImageFiles
 from .memory import InMemoryDataset
+from .streaming import item_seed
+
+STREAMED_AUGMENT = "resized-crop-flip"  # drawn from the original files, per image, for `ImageFiles` splits
 
 __all__ = ["AUGMENTATIONS", "Batches", "augment_batch", "batch_generator", "epoch_order", "make_batches"]
 
@@ -36,6 +42,11 @@ def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + index)
 
 
+def _own_seed() -> torch.Generator:
+    """A loader's generator: it draws its workers' base seed from this, not from the training run's stream."""
+    return torch.Generator().manual_seed(0)
+
+
 class Batches:
     """An iterable of (images float32 NCHW in [0, 1], labels int64) for one epoch, with a length.
 
@@ -44,7 +55,8 @@ class Batches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, augment: str,
-                 rank: int, world_size: int, drop_last: bool, num_workers: int) -> None:
+                 rank: int, world_size: int, drop_last: bool, num_workers: int,
+                 device: torch.device | None = None) -> None:
         if augment not in AUGMENTATIONS:
             choices = ", ".join(AUGMENTATIONS)
             raise RobustTransferError(f"unknown augmentation {augment!r}: use one of {choices}")
@@ -54,7 +66,7 @@ class Batches:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.dataset, self.batch_size, self.augment = dataset, batch_size, augment
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.num_workers = num_workers
+        self.num_workers, self.device = num_workers, device
         order = epoch_order(len(dataset), shuffle, seed, epoch)
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         self.global_batches = [order[i:i + batch_size] for i in range(0, stop, batch_size)]
@@ -62,7 +74,14 @@ class Batches:
     def __len__(self) -> int:
         return len(self.global_batches)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are cropped from their original files in the loader (see the module docstring)."""
+        return self.augment == STREAMED_AUGMENT and isinstance(self.dataset, ImageFiles)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.streamed:
+            return self._from_stream()
         if isinstance(self.dataset, InMemoryDataset):
             return self._from_memory()
         return self._from_loader()
@@ -89,7 +108,7 @@ class Batches:
         # Workers decode only this rank's rows; empty shares (a short last batch) are not sent to them.
         shares = [self._share(members).tolist() for members in self.global_batches]
         loader = iter(DataLoader(self.dataset, batch_sampler=[s for s in shares if s],
-                                 num_workers=self.num_workers))
+                                 num_workers=self.num_workers, generator=_own_seed()))
         empty: tuple[torch.Tensor, torch.Tensor] | None = None
         for index, (members, share) in enumerate(zip(self.global_batches, shares, strict=True)):
             if not share:
@@ -102,15 +121,38 @@ class Batches:
             yield self._augment_share(x.float(), index, len(members)), torch.as_tensor(y).long()
 
 
+    def _from_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Workers decode and crop this rank's rows, keyed by their place in the global batch; uint8 crosses to the
+        # main process (pinned for a GPU) and becomes float only where the batch will be used.
+        streamed = self.dataset.streamed()
+        keys = [[(int(members[row]), item_seed(self.seed, self.epoch, index, row))
+                 for row in range(self.rank, len(members), self.world_size)]
+                for index, members in enumerate(self.global_batches)]
+        cuda = self.device is not None and self.device.type == "cuda"
+        loader = iter(DataLoader(streamed, batch_sampler=[k for k in keys if k], num_workers=self.num_workers,
+                                 pin_memory=cuda, generator=_own_seed()))
+        empty = (torch.empty((0, streamed.channels, streamed.size, streamed.size)), torch.empty(0, dtype=torch.long))
+        for share in keys:
+            if not share:
+                yield empty
+                continue
+            x, y = next(loader)
+            if cuda:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x.float().div_(255), y.long()
+
+
 def make_batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                  augment: str = "none", rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 num_workers: int = 0) -> Batches:
+                 num_workers: int = 0, device: torch.device | None = None) -> Batches:
     """Batches of ``dataset`` for one epoch; see the module docstring for the guarantees.
 
     Rank ``r`` of ``world_size`` gets rows r, r + world_size, ... of every global batch, with
     the augmentation those rows get in a single-process run. Datasets holding a uint8
     ``images`` tensor (`InMemoryDataset`) are indexed directly; others go through a
-    DataLoader with ``num_workers`` workers.
+    DataLoader with ``num_workers`` workers, as do image files (`ImageFiles`) under "resized-crop-flip",
+    cropped from their originals. ``device``: where the batches go; a CUDA device gets streamed batches
+    through pinned memory, copied without blocking and turned to float there.
     """
     return Batches(dataset, batch_size, shuffle, seed, epoch, augment, rank, world_size, drop_last,
-                   num_workers)
+                   num_workers, device)

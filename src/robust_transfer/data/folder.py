@@ -2,7 +2,8 @@
 
 Every image is converted to RGB (or gray), whatever its mode (RGBA, palette, CMYK, 16-bit);
 undecodable files are skipped and counted in a warning. Small folders are decoded once into
-memory; large ones are decoded item by item. Validation and test images are decoded with the
+memory; large ones are decoded item by item; training with the paper's RandomResizedCrop streams crops of the
+original files (`streaming`) whatever the size. Validation and test images are decoded with the
 paper's test transform straight from the files (see `decode_image`). Each file is decoded once:
 train comes back as `TrainFiles`, decoded by `load_dataset` after it has taken out (and decoded
 the held-out way) the validation share.
@@ -13,66 +14,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import RobustTransferError
-from .augment import center_crop, eval_resize_size
+from .decode import DECODE_ERRORS, IMAGE_SUFFIXES, decode_image
 from .memory import InMemoryDataset
+from .streaming import StreamedCrops
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 IN_MEMORY_LIMIT_BYTES = 2 * 2**30
-# What PIL raises on a file that is not an image, is cut short, or is a decompression bomb.
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
-                 Image.DecompressionBombError)
-
-
-def _scale_to_8_bits(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit and float gray as 8-bit gray, scaled by the format's range rather than clipped."""
-    array = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16"):
-        peak = 65535.0
-    elif image.mode == "F" and array.size and array.max() <= 1.0:
-        peak = 1.0
-    else:  # "I" / "F": 16-bit content stored wide, or already 0..255
-        peak = 65535.0 if array.size and array.max() > 255 else 255.0
-    return Image.fromarray(np.clip(np.rint(array / peak * 255), 0, 255).astype(np.uint8), mode="L")
-
-
-def _to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """RGB (or L for ``channels == 1``) from any mode; transparency is composited on white."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        image = _scale_to_8_bits(image)
-    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-            image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("L" if channels == 1 else "RGB")
-
-
-def decode_image(path: Path, size: int, channels: int, held_out: bool = False) -> torch.Tensor:
-    """A uint8 [C, size, size] tensor: for train, the centre square resized to ``size`` (the random crops come
-    later); ``held_out`` (validation, test): the paper's test transform as torchvision's Resize(eval_resize_size)
-    + CenterCrop(size) gives it, resampled once from the file's pixels rather than again from the train decode."""
-    with Image.open(path) as image:
-        image.load()
-        image = _to_mode(ImageOps.exif_transpose(image), channels)
-        if held_out:
-            side, (width, height) = eval_resize_size(size), image.size
-            long = int(side * max(width, height) / min(width, height))  # truncated, as torchvision's Resize
-            image = image.resize((side, long) if width <= height else (long, side), Image.Resampling.BILINEAR)
-        else:
-            image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
-        array = np.array(image, dtype=np.uint8)  # a writable copy, not a view of PIL's buffer
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return center_crop(torch.from_numpy(array).permute(2, 0, 1), size).contiguous()
 
 
 def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
@@ -110,9 +63,10 @@ def scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[Pat
     return paths, labels, class_names
 
 
-class _FromFiles:
+class ImageFiles:
     """What a split decoded from files keeps: its files and how they were decoded. `load_dataset` does not apply
-    the test transform again to a ``held_out`` split, and decodes a share of train it holds out afresh."""
+    the test transform again to a ``held_out`` split, and decodes a share of train it holds out afresh; `batches`
+    trains on `streamed` crops of the original files when the augmentation is the paper's RandomResizedCrop."""
 
     paths: list[Path]
     labels: torch.Tensor
@@ -129,8 +83,15 @@ class _FromFiles:
         return load_split([self.paths[i] for i in indices.tolist()], self.labels[indices].tolist(), self.class_names,
                           self.size, self.channels, "held-out share", held_out=True)
 
+    def streamed(self) -> StreamedCrops:
+        """The same files as RandomResizedCrop + flip training crops of the originals (see `streaming`)."""
+        return StreamedCrops(self.paths, self.labels, self.class_names, self.size, self.channels)
 
-class DecodedImages(_FromFiles, InMemoryDataset):
+    def _picked(self, indices: torch.Tensor) -> list[Path]:
+        return [self.paths[i] for i in indices.tolist()]
+
+
+class DecodedImages(ImageFiles, InMemoryDataset):
     """Images decoded from files into memory (see `InMemoryDataset`), with the files they came from."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], paths: list[Path],
@@ -138,8 +99,14 @@ class DecodedImages(_FromFiles, InMemoryDataset):
         super().__init__(images, labels, class_names)
         self.paths, self.size, self.channels, self.held_out = paths, size, channels, held_out
 
+    def subset(self, indices: torch.Tensor | list[int]) -> DecodedImages:
+        """The examples at ``indices``, with their files (so that they can still be streamed)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return DecodedImages(self.images[indices], self.labels[indices], self.class_names, self._picked(indices),
+                             self.size, self.channels, self.held_out)
 
-class FolderDataset(_FromFiles, Dataset):
+
+class FolderDataset(ImageFiles, Dataset):
     """Lazily decoded images (for folders too big for memory); items as float [0, 1] tensors."""
 
     def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], size: int,
@@ -166,6 +133,22 @@ class FolderDataset(_FromFiles, Dataset):
             ) from None
         return image.float().div_(255), int(self.labels[index])
 
+    def subset(self, indices: torch.Tensor | list[int]) -> FolderDataset:
+        """The files at ``indices``, still decoded item by item."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return FolderDataset(self._picked(indices), self.labels[indices].tolist(), self.class_names, self.size,
+                             self.channels, self.held_out)
+
+
+def join_files(first: ImageFiles, second: ImageFiles) -> ImageFiles:
+    """Two splits of one dataset as one (train + validation for a refit), decoded as train is: in memory when
+    both are, item by item otherwise; either way still streamable from the files."""
+    paths, labels = [*first.paths, *second.paths], torch.cat([first.labels, second.labels])
+    if isinstance(first, DecodedImages) and isinstance(second, DecodedImages):
+        return DecodedImages(torch.cat([first.images, second.images]), labels, first.class_names, paths, first.size,
+                             first.channels, held_out=False)
+    return FolderDataset(paths, labels.tolist(), first.class_names, first.size, first.channels)
+
 
 class TrainFiles(FolderDataset):
     """A train split's files, not yet decoded: `load_dataset` first takes out the share it holds out for
@@ -179,8 +162,8 @@ class TrainFiles(FolderDataset):
 
     def subset(self, indices: torch.Tensor) -> TrainFiles:
         """The files at ``indices``, still not decoded."""
-        return TrainFiles([self.paths[i] for i in indices.tolist()], self.labels[indices].tolist(), self.class_names,
-                          self.size, self.channels, self.description)
+        return TrainFiles(self._picked(indices), self.labels[indices].tolist(), self.class_names, self.size,
+                          self.channels, self.description)
 
     def decode(self) -> Dataset:
         """The images, decoded as `load_split` decodes a train split."""

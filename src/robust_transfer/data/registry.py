@@ -14,7 +14,9 @@ from torch.utils.data import Dataset, Subset
 from ..errors import RobustTransferError
 from .augment import center_crop, eval_resize_size
 from .cifar import load_cifar
-from .folder import TrainFiles, load_image_folder
+from .folder import ImageFiles, TrainFiles, load_image_folder
+from .imagenet import LAYOUT as IMAGENET_LAYOUT
+from .imagenet import load_imagenet
 from .memory import InMemoryDataset, PerItem
 from .sources import (
     FASHION_MNIST_CLASSES,
@@ -95,6 +97,11 @@ def _image_folder(request: LoadRequest) -> tuple:
     return load_image_folder(folder, request.image_size or DEFAULT_FOLDER_SIZE, request.in_channels or 3)
 
 
+def _imagenet(request: LoadRequest) -> tuple:
+    folder = _require(request.root, "imagenet", IMAGENET_LAYOUT)
+    return load_imagenet(folder, request.image_size or DEFAULT_FOLDER_SIZE, request.in_channels or 3)
+
+
 _NATIVE = {"decodes_at_size": False}  # held in memory at their own size
 _REGISTRY: dict[str, DatasetEntry] = {
     "fashion-mnist": DatasetEntry(_fashion, "crop-flip", **_NATIVE),
@@ -106,6 +113,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
     "cifar100": DatasetEntry(functools.partial(_cifar, "cifar100"), "crop-flip", **_NATIVE),
     "idx": DatasetEntry(_idx, "crop", **_NATIVE),
     "imagefolder": DatasetEntry(_image_folder, "crop-flip"),
+    "imagenet": DatasetEntry(_imagenet, "resized-crop-flip"),  # streamed from the files: the paper's training crops
 }
 
 
@@ -115,7 +123,7 @@ def list_datasets() -> list[str]:
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
-    if isinstance(dataset, (InMemoryDataset, TrainFiles)):
+    if isinstance(dataset, (InMemoryDataset, ImageFiles)):
         return dataset.subset(indices)
     subset = Subset(dataset, indices.tolist())
     subset.labels = dataset.labels[indices]

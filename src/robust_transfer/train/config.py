@@ -18,6 +18,8 @@ from .schedule import SCHEDULES
 
 # Fields that change how a run is executed but not what it computes: a resume may change them.
 EXECUTION_FIELDS = ("out_dir", "resume", "progress", "device", "num_workers", "data_root")
+# Recipe fields added after runs were recorded: part of the recipe only when set.
+OPTIONAL_RECIPE_FIELDS = ("arch_options", "noise_sigma", "image_size")
 
 
 @dataclass
@@ -25,7 +27,8 @@ class PretrainConfig:
     """Everything that defines a pretraining run. eps is in [0, 1] pixel units."""
 
     dataset: str = field(default="fashion-mnist", metadata=helped(
-        "training data: fashion-mnist, animal-mnist, mnist-5k, digits, cifar10, cifar100, idx, imagefolder"))
+        "training data: fashion-mnist, animal-mnist, mnist-5k, digits, cifar10, cifar100, idx, imagefolder, "
+        "imagenet (the ILSVRC-2012 folder as distributed, --data-root)"))
     arch: str = field(default="small_resnet", metadata=helped(
         "architecture: small_resnet (28 px), cifar_resnet18/50 (32 px), resnet50, ..., timm:NAME for any timm "
         "architecture, or package.module:function for your own builder"))
@@ -36,6 +39,9 @@ class PretrainConfig:
         "run folder: checkpoint.pt, metrics.jsonl, tensorboard/, model.safetensors, results.json"))
     data_root: str | None = field(default=None, metadata=helped(
         "folder holding the dataset (default: where the dataset is installed)"))
+    image_size: int | None = field(default=None, metadata=helped(
+        "side of the training images in pixels: image files are decoded at it (default 224), in-memory sets "
+        "resized to it (default: their own size)"))
     method: str = field(default="pgd", metadata=helped(
         "standard, pgd (PGD-AT), fgsm-rs (fast AT), free (minibatch replay) or noise (Gaussian-noise augmentation, "
         "--noise-sigma)"))
@@ -73,8 +79,9 @@ class PretrainConfig:
     precision: str = field(default="auto", metadata=helped(
         "auto (bf16 autocast + channels_last where the hardware is fast at it), bf16 or fp32"))
     device: str = field(default="auto", metadata=helped("auto, cpu, cuda or cuda:N"))
-    num_workers: int = field(default=0, metadata=helped(
-        "data-loading worker processes (image folders only; in-memory sets need none)"))
+    num_workers: int | None = field(default=None, metadata=helped(
+        "data-loading worker processes per training process, decoding and cropping image files (default: the "
+        "machine's cores shared among its training processes, at most 8; in-memory sets need none)"))
     seed: int = field(default=0, metadata=helped("seed of the splits, data order, augmentation and initialisation"))
     resume: bool = field(default=False, metadata=helped("continue the run in --out-dir from its checkpoint"))
     progress: bool = field(default=True, metadata=helped("no progress bars"))
@@ -103,6 +110,10 @@ class PretrainConfig:
             raise RobustTransferError("method noise needs --noise-sigma > 0 (the noise std in [0,1] pixel units)")
         if self.method != "noise" and self.noise_sigma:
             raise RobustTransferError(f"--noise-sigma applies to method noise, not {self.method}")
+        if self.image_size is not None and self.image_size < 8:
+            raise RobustTransferError(f"image-size must be at least 8 pixels, got {self.image_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise RobustTransferError(f"num-workers must be >= 0, got {self.num_workers}")
         if self.train_examples is not None and self.train_examples < self.batch_size:
             raise RobustTransferError(
                 f"train-examples ({self.train_examples}) must be at least the batch size ({self.batch_size})")
@@ -142,9 +153,9 @@ class PretrainConfig:
 
     def recipe(self) -> dict:
         """The fields that determine the result (what a resumed run must agree on); ``arch_options`` and
-        ``noise_sigma`` only when set, so runs recorded before they existed keep their identity."""
+        ``noise_sigma``, ``image_size`` only when set, so runs recorded before they existed keep their identity."""
         return {k: v for k, v in self.to_dict().items()
-                if k not in EXECUTION_FIELDS and not (k in ("arch_options", "noise_sigma") and not v)}
+                if k not in EXECUTION_FIELDS and not (k in OPTIONAL_RECIPE_FIELDS and not v)}
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:

@@ -21,7 +21,7 @@ from ..errors import RobustTransferError
 from ..evaluation import EvalResult, evaluate
 from ..models import create_model, save_model
 from ..rundir import run_folder
-from ..runtime import prepare_model, resolve_precision, tune_malloc
+from ..runtime import loader_workers, prepare_model, resolve_precision, tune_malloc
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .distributed import DistributedContext, all_reduce_sum, init_distributed, seed_process, wrap_for_training
@@ -117,7 +117,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
         return _finished_result(run_dir)
 
     torch.manual_seed(config.seed)
-    data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed)
+    data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed,
+                        image_size=config.image_size)
     train_set = sample_examples(data.train, config.train_examples, config.seed)
     val_set = sample_examples(data.val, config.eval_examples, config.seed)  # the same sample every epoch
     augment = config.augment or data.default_augment
@@ -190,7 +191,7 @@ def _run_epoch(config: PretrainConfig, context: DistributedContext, precision: s
     epoch = training.epoch
     batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                            augment=augment, rank=context.rank, world_size=context.world_size,
-                           drop_last=True, num_workers=config.num_workers)
+                           drop_last=True, num_workers=loader_workers(config.num_workers), device=context.device)
     bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                disable=not (config.progress and context.is_main), dynamic_ncols=True)
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from .. import __version__
 from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..data import InMemoryDataset, load_dataset, sample_examples
 from ..data.augment import EVAL_TRANSFORM
+from ..data.folder import ImageFiles, join_files
 from ..data.resolution import at_resolution
 from ..errors import RobustTransferError
 from ..evaluation import evaluate
@@ -29,7 +30,7 @@ from ..models.registry import CUSTOM
 from ..models.stages import num_stages, replace_head
 from ..models.surgery import classifier_head
 from ..rundir import run_folder
-from ..runtime import resolve_device, resolve_precision, tune_malloc
+from ..runtime import loader_workers, resolve_device, resolve_precision, tune_malloc
 from .config import TransferConfig, recipe_of
 from .features import FeatureCache, extract_features, feature_extractor, model_content_hash
 from .finetune import FinetuneRecipe, finetune
@@ -61,6 +62,8 @@ class TransferResult:
 
 
 def _concat(first, second):
+    if isinstance(first, ImageFiles) and isinstance(second, ImageFiles):  # still streamable from the files
+        return join_files(first, second)
     if isinstance(first, InMemoryDataset) and isinstance(second, InMemoryDataset):
         return InMemoryDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
                                first.class_names)
@@ -251,7 +254,8 @@ def _finetune_grid(config: TransferConfig, source, data, train_set, frozen: int,
     def run(lr: float, dataset, stage: str):
         name = f"{stage}lr {lr:g}"
         return finetune(fresh(), dataset, recipe(lr), device, precision, config.progress, name,
-                        checkpoint=checkpoints / f"{name.replace(' ', '-')}.pt", identity=identity)
+                        checkpoint=checkpoints / f"{name.replace(' ', '-')}.pt", identity=identity,
+                        num_workers=loader_workers(config.num_workers))
 
     val_scores, timings = {}, {"finetune_s": 0.0}
     best = None

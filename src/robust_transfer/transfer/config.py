@@ -17,7 +17,7 @@ from .linear_probe import DEFAULT_PENALTIES
 PROTOCOLS = ("fast", "paper")
 _PARTIAL = re.compile(r"^partial:(\d+)$")
 # Fields that change how a run is executed but not what it computes: a resume may change them.
-EXECUTION_FIELDS = ("out_dir", "cache_dir", "progress", "device", "resume")
+EXECUTION_FIELDS = ("out_dir", "cache_dir", "progress", "device", "resume", "num_workers")
 # Recorded only when set, so runs recorded before these fields existed keep their identity.
 _IF_SET_FIELDS = ("source_arch", "source_options", "resolution")
 
@@ -79,6 +79,9 @@ class TransferConfig:
         "test examples attacked to measure robust accuracy after transfer"))
     precision: str = field(default="auto", metadata=helped("auto, bf16 or fp32"))
     device: str = field(default="auto", metadata=helped("auto, cpu, cuda or cuda:N"))
+    num_workers: int | None = field(default=None, metadata=helped(
+        "data-loading worker processes decoding and cropping image files while fine-tuning (default: the "
+        "machine's cores, at most 8; in-memory sets need none)"))
     seed: int = field(default=0, metadata=helped("seed of the splits, the new head and the data order"))
     cache_dir: str | None = field(default=None, metadata=helped(
         "feature cache (default: ~/.cache/robust-transfer/features)"))

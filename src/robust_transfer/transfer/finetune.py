@@ -45,12 +45,13 @@ class FinetuneRecipe:
 
 def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.device, precision: str,
              progress: bool = False, description: str = "fine-tune", checkpoint: Path | None = None,
-             identity: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+             identity: Mapping[str, Any] | None = None, num_workers: int = 0) -> tuple[nn.Module, dict]:
     """Train ``model`` (its new head already in place) on ``train_set``; return it and timings.
 
     ``checkpoint``: write the state there after every epoch and continue from a checkpoint already
     there, which must have been written with the same ``recipe`` and ``identity`` (what else makes
-    the run: source model, data; checkpoint-safe values such as strings and numbers).
+    the run: source model, data; checkpoint-safe values such as strings and numbers). ``num_workers``: loader
+    processes for image files (streamed crops of the originals under "resized-crop-flip").
     """
     info: FrozenInfo = freeze_stages(model, recipe.frozen_stages,
                                      train_frozen_batchnorm=recipe.train_frozen_batchnorm)
@@ -64,7 +65,7 @@ def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.
 
     def batches(epoch: int):
         return make_batches(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
-                            augment=recipe.augment, drop_last=True)
+                            augment=recipe.augment, drop_last=True, num_workers=num_workers, device=device)
 
     _, seconds = fit(model, batches, plan, device=device, precision=precision,
                      train_mode=lambda m: set_train_mode(m, True, info), checkpoint=checkpoint,

@@ -1,0 +1,68 @@
+"""Training images streamed from their files: decoded and augmented in DataLoader workers, item by item.
+
+This is the paper's (and torchvision's ImageNet) training transform, RandomResizedCrop + horizontal flip drawn from
+the whole original photograph, for image-file sets of any size. Each item is keyed by its index *and* a seed, and
+the crop and flip are drawn by torchvision.transforms.v2 from that seed alone, so an item's pixels do not depend on
+which worker decodes it, how many workers or processes there are, or what ran before: `batches` derives the seed
+from (seed, epoch, global batch, row), and a resumed epoch or a data-parallel rank gets the crops one process would.
+Items come out as uint8 (a quarter of float32 through the workers' shared memory and the copy to a GPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ..errors import RobustTransferError
+from .decode import DECODE_ERRORS, read_original
+
+CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, the paper's training transform
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def item_seed(seed: int, epoch: int, batch: int, row: int) -> int:
+    """The seed of the crop and flip of row ``row`` of global batch ``batch`` of ``epoch`` (fits in 63 bits)."""
+    return ((((seed * 1_000_003 + epoch) * 100_003 + batch) * 65_537 + row) * 0x9E3779B1) % (2**63 - 1)
+
+
+class StreamedCrops(Dataset):
+    """A split's image files; item ``(index, seed)`` is ``(uint8 [C, size, size], label)``: a RandomResizedCrop
+    (scale 0.08-1, aspect 3/4-4/3, bilinear with antialiasing) of the original image, flipped with p = 0.5, both
+    drawn from ``seed`` alone."""
+
+    def __init__(self, paths: list[Path], labels: torch.Tensor, class_names: list[str], size: int,
+                 channels: int) -> None:
+        self.paths, self.labels, self.class_names = list(paths), labels, list(class_names)
+        self.size, self.channels = size, channels
+        self._crop = v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def crop_box(self, seed: int, height: int, width: int) -> tuple[dict[str, int], bool]:
+        """The crop (top, left, height, width in pixels of a ``height`` x ``width`` original) and flip of ``seed``.
+
+        Drawn by torchvision's own RandomResizedCrop (up to 10 tries inside the image, else the central crop
+        clipped to the aspect range) from the global generator, seeded for the draw and restored after it, so the
+        caller's random stream (a training run's, with 0 workers) is untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            box = self._crop.make_params([torch.empty(self.channels, height, width, dtype=torch.uint8)])
+            flip = bool(torch.rand(()) < 0.5)
+        return box, flip
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        try:
+            image = read_original(self.paths[index], self.channels)
+        except DECODE_ERRORS as error:
+            raise RobustTransferError(f"cannot decode {self.paths[index]} ({type(error).__name__}: {error}): "
+                                      "remove or replace the file, then --resume") from None
+        box, flip = self.crop_box(seed, image.shape[-2], image.shape[-1])
+        out = v2.functional.resized_crop(image, **box, size=[self.size, self.size], antialias=True)
+        if flip:
+            out = v2.functional.horizontal_flip(out)
+        return out, int(self.labels[index])
