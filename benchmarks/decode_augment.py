@@ -99,7 +99,7 @@ def main() -> None:
         for workers in args.workers:
             rates = {"ours": [], "torchvision": []}
             contenders = {"ours": ours, "torchvision": anchor}
-            for name, run in contenders.items():  # untimed: page cache, worker start-up paths
+            for run in contenders.values():  # untimed: page cache, worker start-up paths
                 run(train, workers, args.batch_size, epoch=99)
             for round_ in range(args.rounds):
                 order = list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]

@@ -12,18 +12,19 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 
-from robust_transfer import RobustTransferError
+from robust_transfer import RobustTransferError, transfer
 from robust_transfer.cli import main
-from robust_transfer.data import load_dataset, make_batches
+from robust_transfer.data import folder, load_dataset, make_batches
+from robust_transfer.data.decode import read_original
 from robust_transfer.data.folder import FolderDataset
 from robust_transfer.data.imagenet import DEVKIT
 from robust_transfer.data.photo_sample import SAMPLE_SYNSETS, write_imagenet_sample
 from robust_transfer.data.streaming import StreamedCrops
-from robust_transfer.models import load_model
+from robust_transfer.models import create_model, load_model
 from tests.processes import kill_after_first_checkpoint
 
 SMALL = dict(train_per_class=10, val_per_class=4, size=(64, 48))
@@ -216,3 +217,44 @@ def test_imagenet_pretraining_resumes_exactly_after_sigkill_and_evaluates(tmp_pa
                  str(sample), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["n"] == 12 and record["clean_acc"] == results["test"]["clean_acc"]
+
+
+def test_a_set_larger_than_memory_fine_tunes_on_streamed_crops_and_refits_on_train_plus_val(tmp_path, sample,
+                                                                                             monkeypatch):
+    # As SUN397 or Food-101 at 224 px: nothing decoded up front, every training crop taken from its file.
+    monkeypatch.setattr(folder, "IN_MEMORY_LIMIT_BYTES", 0)
+    data = load_dataset("imagenet", sample, image_size=32)
+    assert isinstance(data.train, FolderDataset) and isinstance(data.test, FolderDataset)
+    streamed = []
+    crop = StreamedCrops.__getitem__
+    monkeypatch.setattr(StreamedCrops, "__getitem__", lambda self, key: streamed.append(key[0]) or crop(self, key))
+    source = create_model("small_resnet", num_classes=10, in_channels=3, image_size=32)
+    result = transfer(model=source, dataset="imagenet", data_root=str(sample), mode="full", epochs=1, lrs=[0.01],
+                      batch_size=9, precision="fp32", num_workers=0, out_dir=str(tmp_path / "run"), progress=False)
+    assert result.record.selection.chosen == 0.01 and 0 <= result.record.test_score <= 1
+    # One epoch on train (27 of 30 after validation: 3 batches of 9), then the refit on train + val (30: 3 batches).
+    assert len(streamed) == 3 * 9 + 3 * 9
+    assert max(streamed[27:]) >= 27  # the refit streams validation's files too (train's are 0-26)
+
+
+def test_odd_jpegs_decode_as_pil_decodes_them_and_a_broken_one_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # "rotate 90": the decoded image is 40 x 30
+    image.save(tmp_path / "plain.jpg")
+    image.save(tmp_path / "rotated.jpg", exif=rotated)
+    image.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    image.convert("L").save(tmp_path / "gray.jpg")
+    image.save(tmp_path / "png.jpg", format="PNG")  # ImageNet has a PNG named .JPEG
+    for name in ("plain", "rotated", "cmyk", "gray", "png"):
+        path = tmp_path / f"{name}.jpg"
+        with Image.open(path) as pil:
+            expected = torch.from_numpy(np.array(ImageOps.exif_transpose(pil).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(read_original(path, 3), expected), name
+    assert read_original(tmp_path / "rotated.jpg", 3).shape == (3, 40, 30)
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes()[:200])
+    crops = StreamedCrops([tmp_path / "plain.jpg", tmp_path / "broken.jpg"], torch.tensor([0, 1]), ["a", "b"], 16, 3)
+    assert crops[(0, 7)][0].shape == (3, 16, 16)
+    with pytest.raises(RobustTransferError, match="cannot decode .*broken.jpg"):
+        crops[(1, 7)]

@@ -67,7 +67,8 @@ class PretrainConfig:
         "epochs at which the step schedule multiplies the rate by 0.1"))
     label_smoothing: float = field(default=0.0, metadata=helped("label smoothing (off by default)"))
     augment: str | None = field(default=None, metadata=helped(
-        "crop-flip, crop or none (default: the dataset's own choice)"))
+        "crop-flip, crop, resized-crop-flip (image files: cropped from the originals) or none (default: the "
+        "dataset's own choice)"))
     val_fraction: float = field(default=0.1, metadata=helped("share of the training data held out for validation"))
     train_examples: int | None = field(default=None, metadata=helped(
         "train on a seeded random N of the training examples (quick runs)"))
