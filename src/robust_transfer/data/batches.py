@@ -120,7 +120,6 @@ class Batches:
             x, y = next(loader)
             yield self._augment_share(x.float(), index, len(members)), torch.as_tensor(y).long()
 
-
     def _from_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Workers decode and crop this rank's rows, keyed by their place in the global batch; uint8 crosses to the
         # main process (pinned for a GPU) and becomes float only where the batch will be used.

@@ -80,8 +80,8 @@ class ImageFiles:
         if not len(indices):  # a share too small to hold anything out
             return InMemoryDataset(torch.empty((0, self.channels, self.size, self.size), dtype=torch.uint8),
                                    torch.empty(0, dtype=torch.long), self.class_names)
-        return load_split([self.paths[i] for i in indices.tolist()], self.labels[indices].tolist(), self.class_names,
-                          self.size, self.channels, "held-out share", held_out=True)
+        return load_split(self._picked(indices), self.labels[indices].tolist(), self.class_names, self.size,
+                          self.channels, "held-out share", held_out=True)
 
     def streamed(self) -> StreamedCrops:
         """The same files as RandomResizedCrop + flip training crops of the originals (see `streaming`)."""
