@@ -152,6 +152,10 @@ def test_streamed_batches_depend_on_seed_epoch_and_row_only(tmp_path, sample):
         assert torch.equal(ranks[0][index][0], x[0::2]) and torch.equal(ranks[1][index][0], x[1::2])
         assert torch.equal(ranks[1][index][1], y[1::2])
     assert not torch.equal(epoch(1)[0][0], single[0][0])
+    # 27 examples in batches of 13: the last global batch has one row, so rank 1's share of it is empty.
+    last = [list(make_batches(data.train, 13, shuffle=True, augment="resized-crop-flip", rank=r, world_size=2))[-1]
+            for r in range(2)]
+    assert len(data.train) == 27 and [len(x) for x, _ in last] == [1, 0] and last[1][0].shape[1:] == (3, 24, 24)
     state = torch.get_rng_state()
     epoch(0, num_workers=1)
     assert torch.equal(torch.get_rng_state(), state), "loading a streamed epoch moved the training run's generator"

@@ -122,17 +122,18 @@ class Batches:
 
     def _from_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Workers decode and crop this rank's rows, keyed by their place in the global batch; uint8 crosses to the
-        # main process (pinned for a GPU) and becomes float only where the batch will be used.
+        # main process (pinned for a GPU) and becomes float only where the batch will be used. The keys are made
+        # batch by batch as the loader asks (an ImageNet epoch's would be 1.3M tuples held at once).
         streamed = self.dataset.streamed()
-        keys = [[(int(members[row]), item_seed(self.seed, self.epoch, index, row))
-                 for row in range(self.rank, len(members), self.world_size)]
-                for index, members in enumerate(self.global_batches)]
+        rows = [range(self.rank, len(members), self.world_size) for members in self.global_batches]
+        keys = ([(int(members[row]), item_seed(self.seed, self.epoch, index, row)) for row in mine]
+                for index, (members, mine) in enumerate(zip(self.global_batches, rows, strict=True)) if mine)
         cuda = self.device is not None and self.device.type == "cuda"
-        loader = iter(DataLoader(streamed, batch_sampler=[k for k in keys if k], num_workers=self.num_workers,
-                                 pin_memory=cuda, generator=_own_seed()))
+        loader = iter(DataLoader(streamed, batch_sampler=keys, num_workers=self.num_workers, pin_memory=cuda,
+                                 generator=_own_seed()))
         empty = (torch.empty((0, streamed.channels, streamed.size, streamed.size)), torch.empty(0, dtype=torch.long))
-        for share in keys:
-            if not share:
+        for mine in rows:
+            if not mine:
                 yield empty
                 continue
             x, y = next(loader)

@@ -31,7 +31,10 @@ IN_MEMORY_LIMIT_BYTES = 2 * 2**30
 def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
     """Class name -> its image files (by extension; hidden files and folders are ignored)."""
     classes = {}
-    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # ImageNet's 1,000 train folders take a while to list on a network disk: show it (on a terminal only).
+    for folder in tqdm(folders, desc=f"scan {split_dir.name}/", unit="class", leave=False,
+                       disable=None if len(folders) >= 100 else True):
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         classes[folder.name] = files
