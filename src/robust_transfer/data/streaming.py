@@ -10,8 +10,10 @@ Items come out as uint8 (a quarter of float32 through the workers' shared memory
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -35,12 +37,19 @@ class StreamedCrops(Dataset):
 
     def __init__(self, paths: list[Path], labels: torch.Tensor, class_names: list[str], size: int,
                  channels: int) -> None:
-        self.paths, self.labels, self.class_names = list(paths), labels, list(class_names)
+        # One bytes array, not a list of Path objects: loader workers reading a Python list touch every object's
+        # reference count and so copy the pages it lives on, each worker its own copy of ImageNet's 1.3M paths.
+        self._paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
+        self.labels, self.class_names = labels, list(class_names)
         self.size, self.channels = size, channels
         self._crop = v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self._paths)
+
+    def path(self, index: int) -> Path:
+        """The file of item ``index``."""
+        return Path(os.fsdecode(self._paths[index]))
 
     def crop_box(self, seed: int, height: int, width: int) -> tuple[dict[str, int], bool]:
         """The crop (top, left, height, width in pixels of a ``height`` x ``width`` original) and flip of ``seed``.
@@ -56,10 +65,11 @@ class StreamedCrops(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key
+        path = self.path(index)
         try:
-            image = read_original(self.paths[index], self.channels)
+            image = read_original(path, self.channels)
         except DECODE_ERRORS as error:
-            raise RobustTransferError(f"cannot decode {self.paths[index]} ({type(error).__name__}: {error}): "
+            raise RobustTransferError(f"cannot decode {path} ({type(error).__name__}: {error}): "
                                       "remove or replace the file, then --resume") from None
         box, flip = self.crop_box(seed, image.shape[-2], image.shape[-1])
         out = v2.functional.resized_crop(image, **box, size=[self.size, self.size], antialias=True)
