@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 
-from robust_transfer import RobustTransferError, transfer
+from robust_transfer import RobustTransferError, evaluate, transfer
 from robust_transfer.cli import main
 from robust_transfer.data import folder, load_dataset, make_batches
 from robust_transfer.data.decode import read_original
@@ -239,6 +239,12 @@ def test_a_set_larger_than_memory_fine_tunes_on_streamed_crops_and_refits_on_tra
     # One epoch on train (27 of 30 after validation: 3 batches of 9), then the refit on train + val (30: 3 batches).
     assert len(streamed) == 3 * 9 + 3 * 9
     assert max(streamed[27:]) >= 27  # the refit streams validation's files too (train's are 0-26)
+    # Its test split, decoded item by item in loader workers, scores as the same images decoded into memory.
+    lazily = evaluate(result.model, data.test, precision="fp32")
+    monkeypatch.setattr(folder, "IN_MEMORY_LIMIT_BYTES", 2**30)
+    in_memory = load_dataset("imagenet", sample, image_size=32).test
+    assert not isinstance(in_memory, FolderDataset)
+    assert lazily.n == 12 and lazily.clean_acc == evaluate(result.model, in_memory, precision="fp32").clean_acc
 
 
 def test_odd_jpegs_decode_as_pil_decodes_them_and_a_broken_one_is_named(tmp_path):

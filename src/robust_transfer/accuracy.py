@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 
 from .attack import Attack, eval_mode
 from .autoattack import perturb
+from .data.folder import FolderDataset
+from .data.memory import PerItem
 from .errors import RobustTransferError
-from .runtime import autocast, prepare_batch, resolve_device, resolve_precision
+from .runtime import autocast, loader_workers, prepare_batch, resolve_device, resolve_precision
 
 EvalData = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -58,7 +60,11 @@ def eval_batches(data: EvalData, batch_size: int) -> Iterable[tuple[torch.Tensor
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, Dataset):
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
+        # Image files decoded item by item (ImageNet's 50,000 val images) are decoded by loader workers; anything
+        # else in this process, as given (a user's dataset may hold what cannot cross to a worker).
+        workers = loader_workers(None) if isinstance(data, (FolderDataset, PerItem)) else 0
+        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          generator=torch.Generator().manual_seed(0))
     raise RobustTransferError(
         f"cannot evaluate on a {type(data).__name__}: give a DataLoader, a Dataset or an (images, labels) pair"
     )
