@@ -10,8 +10,10 @@ installed packages ship, JPEG quality 90) is read, one epoch at a time, by
   (PIL decode) and a DataLoader with the same workers and batch size: the usual ImageNet training loader.
 
 The contenders alternate, epoch by epoch, after one untimed epoch each (the page cache then holds the files for
-both); images/s per core = images/s / W, with W worker processes on W cores. It also compares the crops' scale
-and aspect-ratio distributions with torchvision's (two-sample KS on 4,000 draws each) and prints one JSON report.
+both); images/s per core = images/s / W, with W worker processes on W cores. ``--gpu-decode`` adds
+``ours-nvjpeg`` (`pretrain --decode gpu`: the workers read bytes, nvJPEG decodes each batch on the GPU). It also
+compares the crops' scale and aspect-ratio distributions with torchvision's (two-sample KS on 4,000 draws each)
+and prints one JSON report.
 
     PYTHONPATH=src .venv/bin/python benchmarks/decode_augment.py --workers 1 2 --out benchmarks/results/X.json
 """
@@ -41,14 +43,21 @@ from robust_transfer.data.streaming import StreamedCrops
 SIZE = 224
 
 
-def ours(train: Path, workers: int, batch_size: int, epoch: int) -> int:
+def ours(train: Path, workers: int, batch_size: int, epoch: int, decode_device: torch.device | None = None) -> int:
     paths, labels, names = scan_split(train, None)
     files = FolderDataset(paths, labels, names, SIZE, 3)
     seen = 0
     for x, _ in make_batches(files, batch_size, shuffle=True, seed=0, epoch=epoch, augment="resized-crop-flip",
-                             num_workers=workers):
+                             num_workers=workers, device=decode_device, decode_device=decode_device):
         seen += len(x)
+    if decode_device is not None:
+        torch.cuda.synchronize()
     return seen
+
+
+def ours_nvjpeg(train: Path, workers: int, batch_size: int, epoch: int) -> int:
+    """`pretrain --decode gpu`: the workers read bytes, the batch is decoded by nvJPEG on the GPU and cropped there."""
+    return ours(train, workers, batch_size, epoch, torch.device("cuda"))
 
 
 def anchor(train: Path, workers: int, batch_size: int, epoch: int) -> int:
@@ -88,6 +97,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--gpu-decode", action="store_true", help="also time --decode gpu (needs a CUDA GPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the main process only collates and converts: the work is in the workers
@@ -97,8 +107,10 @@ def main() -> None:
         root = write_imagenet_sample(Path(folder) / "imagenet", train_per_class=args.images // 3, val_per_class=1)
         train = root / "train"
         for workers in args.workers:
-            rates = {"ours": [], "torchvision": []}
             contenders = {"ours": ours, "torchvision": anchor}
+            if args.gpu_decode:
+                contenders["ours-nvjpeg"] = ours_nvjpeg
+            rates = {name: [] for name in contenders}
             for run in contenders.values():  # untimed: page cache, worker start-up paths
                 run(train, workers, args.batch_size, epoch=99)
             for round_ in range(args.rounds):

@@ -268,3 +268,23 @@ def test_odd_jpegs_decode_as_pil_decodes_them_and_a_broken_one_is_named(tmp_path
     assert crops[(0, 7)][0].shape == (3, 16, 16)
     with pytest.raises(RobustTransferError, match="cannot decode .*broken.jpg"):
         crops[(1, 7)]
+
+
+def test_decoding_a_batch_in_the_main_process_gives_the_workers_crops(tmp_path, sample):
+    # The --decode gpu path (workers read bytes, the batch is decoded together where it trains, nvJPEG on a GPU),
+    # run here on the CPU, whose decoder is the workers' own: the same pixels, a PNG named .JPEG included.
+    data = load_dataset("imagenet", sample, image_size=24)
+    odd = data.train.paths[3]
+    with Image.open(odd) as image:
+        image.save(tmp_path / "png.JPEG", format="PNG")
+    files = FolderDataset([*data.train.paths[:3], tmp_path / "png.JPEG", *data.train.paths[4:]],
+                          data.train.labels.tolist(), data.class_names, 24, 3)
+
+    def epoch(**kwargs):
+        return list(make_batches(files, 8, shuffle=True, seed=2, augment="resized-crop-flip", **kwargs))
+
+    in_workers = epoch(num_workers=1)
+    decoded_here = epoch(num_workers=1, decode_device=torch.device("cpu"))
+    assert [len(x) for x, _ in decoded_here] == [8, 8, 8, 3]
+    for (a, ya), (b, yb) in zip(in_workers, decoded_here, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)

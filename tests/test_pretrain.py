@@ -129,6 +129,8 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     (["--norm", "l3"], "unknown norm"),
     (["--method", "trades"], "unknown method.*fgsm-rs"),
     (["--epochs", "0"], "epochs must be >= 1"),
+    (["--image-size", "4"], "image-size must be at least 8"),
+    (["--decode", "gpu", "--device", "cpu"], "decode gpu decodes on the training GPU.*--device cuda"),
 ])
 def test_bad_pretrain_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     code = main(["pretrain", "--out-dir", str(tmp_path / "run"), "--no-progress", *args])

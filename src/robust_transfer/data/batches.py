@@ -56,7 +56,7 @@ class Batches:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, augment: str,
                  rank: int, world_size: int, drop_last: bool, num_workers: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, decode_device: torch.device | None = None) -> None:
         if augment not in AUGMENTATIONS:
             choices = ", ".join(AUGMENTATIONS)
             raise RobustTransferError(f"unknown augmentation {augment!r}: use one of {choices}")
@@ -66,7 +66,7 @@ class Batches:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.dataset, self.batch_size, self.augment = dataset, batch_size, augment
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.num_workers, self.device = num_workers, device
+        self.num_workers, self.device, self.decode_device = num_workers, device, decode_device
         order = epoch_order(len(dataset), shuffle, seed, epoch)
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         self.global_batches = [order[i:i + batch_size] for i in range(0, stop, batch_size)]
@@ -124,19 +124,24 @@ class Batches:
         # Workers decode and crop this rank's rows, keyed by their place in the global batch; uint8 crosses to the
         # main process (pinned for a GPU) and becomes float only where the batch will be used. The keys are made
         # batch by batch as the loader asks (an ImageNet epoch's would be 1.3M tuples held at once).
-        streamed = self.dataset.streamed()
+        streamed = self.dataset.streamed(self.decode_device)
         rows = [range(self.rank, len(members), self.world_size) for members in self.global_batches]
         keys = ([(int(members[row]), item_seed(self.seed, self.epoch, index, row)) for row in mine]
                 for index, (members, mine) in enumerate(zip(self.global_batches, rows, strict=True)) if mine)
         cuda = self.device is not None and self.device.type == "cuda"
-        loader = iter(DataLoader(streamed, batch_sampler=keys, num_workers=self.num_workers, pin_memory=cuda,
+        encoded = self.decode_device is not None  # the workers read bytes; the batch is decoded here, on the device
+        loader = iter(DataLoader(streamed, batch_sampler=keys, num_workers=self.num_workers,
+                                 pin_memory=cuda and not encoded, collate_fn=list if encoded else None,
                                  generator=_own_seed()))
         empty = (torch.empty((0, streamed.channels, streamed.size, streamed.size)), torch.empty(0, dtype=torch.long))
         for mine in rows:
             if not mine:
                 yield empty
                 continue
-            x, y = next(loader)
+            if encoded:
+                x, y = streamed.decode_batch(next(loader))
+            else:
+                x, y = next(loader)
             if cuda:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield x.float().div_(255), y.long()
@@ -144,7 +149,8 @@ class Batches:
 
 def make_batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                  augment: str = "none", rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 num_workers: int = 0, device: torch.device | None = None) -> Batches:
+                 num_workers: int = 0, device: torch.device | None = None,
+                 decode_device: torch.device | None = None) -> Batches:
     """Batches of ``dataset`` for one epoch; see the module docstring for the guarantees.
 
     Rank ``r`` of ``world_size`` gets rows r, r + world_size, ... of every global batch, with
@@ -152,7 +158,8 @@ def make_batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int 
     ``images`` tensor (`InMemoryDataset`) are indexed directly; others go through a
     DataLoader with ``num_workers`` workers, as do image files (`ImageFiles`) under "resized-crop-flip",
     cropped from their originals. ``device``: where the batches go; a CUDA device gets streamed batches
-    through pinned memory, copied without blocking and turned to float there.
+    through pinned memory, copied without blocking and turned to float there. ``decode_device``: decode streamed
+    JPEGs there (nvJPEG on a CUDA device), the workers only reading the files.
     """
     return Batches(dataset, batch_size, shuffle, seed, epoch, augment, rank, world_size, drop_last,
-                   num_workers, device)
+                   num_workers, device, decode_device)

@@ -87,3 +87,14 @@ def read_original(path: Path, channels: int) -> torch.Tensor:
         except RuntimeError:  # not a JPEG libjpeg-turbo takes: PIL decodes it or says why not
             pass
     return _read_with_pil(path, channels)
+
+
+def read_bytes(path: Path) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor (for decoding elsewhere: `decode_jpegs`)."""
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+
+def decode_jpegs(data: list[torch.Tensor], channels: int, device: torch.device) -> list[torch.Tensor]:
+    """JPEG files' bytes decoded together on ``device`` (nvJPEG on a CUDA device) as uint8 [C, H, W] tensors there;
+    raises RuntimeError when one of them is not a JPEG the decoder takes."""
+    return decode_jpeg(data, mode="GRAY" if channels == 1 else "RGB", device=device)

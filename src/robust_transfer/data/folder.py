@@ -86,9 +86,9 @@ class ImageFiles:
         return load_split(self._picked(indices), self.labels[indices].tolist(), self.class_names, self.size,
                           self.channels, "held-out share", held_out=True)
 
-    def streamed(self) -> StreamedCrops:
+    def streamed(self, decode_device: torch.device | None = None) -> StreamedCrops:
         """The same files as RandomResizedCrop + flip training crops of the originals (see `streaming`)."""
-        return StreamedCrops(self.paths, self.labels, self.class_names, self.size, self.channels)
+        return StreamedCrops(self.paths, self.labels, self.class_names, self.size, self.channels, decode_device)
 
     def _picked(self, indices: torch.Tensor) -> list[Path]:
         return [self.paths[i] for i in indices.tolist()]

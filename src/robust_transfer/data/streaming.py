@@ -6,6 +6,10 @@ the crop and flip are drawn by torchvision.transforms.v2 from that seed alone, s
 which worker decodes it, how many workers or processes there are, or what ran before: `batches` derives the seed
 from (seed, epoch, global batch, row), and a resumed epoch or a data-parallel rank gets the crops one process would.
 Items come out as uint8 (a quarter of float32 through the workers' shared memory and the copy to a GPU).
+
+With a ``decode_device`` (a CUDA device: nvJPEG through TorchCodec) the workers only read the files' bytes and
+`decode_batch` decodes and crops a whole batch on that device; the crop and flip are drawn from the same seeds,
+after decoding, so they are the same boxes whichever decoder ran.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..errors import RobustTransferError
-from .decode import DECODE_ERRORS, read_original
+from .decode import DECODE_ERRORS, decode_jpegs, read_bytes, read_original
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, the paper's training transform
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -36,12 +40,12 @@ class StreamedCrops(Dataset):
     drawn from ``seed`` alone."""
 
     def __init__(self, paths: list[Path], labels: torch.Tensor, class_names: list[str], size: int,
-                 channels: int) -> None:
+                 channels: int, decode_device: torch.device | None = None) -> None:
         # One bytes array, not a list of Path objects: loader workers reading a Python list touch every object's
         # reference count and so copy the pages it lives on, each worker its own copy of ImageNet's 1.3M paths.
         self._paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
         self.labels, self.class_names = labels, list(class_names)
-        self.size, self.channels = size, channels
+        self.size, self.channels, self.decode_device = size, channels, decode_device
         self._crop = v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)
 
     def __len__(self) -> int:
@@ -63,16 +67,43 @@ class StreamedCrops(Dataset):
             flip = bool(torch.rand(()) < 0.5)
         return box, flip
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key
-        path = self.path(index)
-        try:
-            image = read_original(path, self.channels)
-        except DECODE_ERRORS as error:
-            raise RobustTransferError(f"cannot decode {path} ({type(error).__name__}: {error}): "
-                                      "remove or replace the file, then --resume") from None
+    def crop(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """The crop and flip of ``seed`` of an original ``image`` [C, H, W], resized to ``size`` (on its device)."""
         box, flip = self.crop_box(seed, image.shape[-2], image.shape[-1])
         out = v2.functional.resized_crop(image, **box, size=[self.size, self.size], antialias=True)
-        if flip:
-            out = v2.functional.horizontal_flip(out)
-        return out, int(self.labels[index])
+        return v2.functional.horizontal_flip(out) if flip else out
+
+    def _unreadable(self, path: Path, error: Exception) -> RobustTransferError:
+        return RobustTransferError(f"cannot decode {path} ({type(error).__name__}: {error}): "
+                                   "remove or replace the file, then --resume")
+
+    def _original(self, index: int) -> torch.Tensor:
+        try:
+            return read_original(self.path(index), self.channels)
+        except DECODE_ERRORS as error:
+            raise self._unreadable(self.path(index), error) from None
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        index, seed = key
+        if self.decode_device is not None:  # the main process decodes: send the file's bytes
+            try:
+                return index, seed, read_bytes(self.path(index))
+            except OSError as error:
+                raise self._unreadable(self.path(index), error) from None
+        return self.crop(self._original(index), seed), int(self.labels[index])
+
+    def decode_batch(self, items: list[tuple[int, int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of ``(index, seed, bytes)`` items (with a ``decode_device``) decoded together there, cropped and
+        stacked: (uint8 [N, C, size, size], labels), both on ``decode_device``."""
+        try:
+            images = decode_jpegs([data for _, _, data in items], self.channels, self.decode_device)
+        except RuntimeError:  # one file is not a JPEG the decoder takes: decode one by one, PIL where needed
+            images = []
+            for index, _, data in items:
+                try:
+                    images.append(decode_jpegs([data], self.channels, self.decode_device)[0])
+                except RuntimeError:
+                    images.append(self._original(index).to(self.decode_device))
+        crops = [self.crop(image, seed) for image, (_, seed, _) in zip(images, items, strict=True)]
+        labels = self.labels[[index for index, _, _ in items]]
+        return torch.stack(crops), labels.to(self.decode_device)

@@ -17,7 +17,8 @@ from .objectives import METHODS
 from .schedule import SCHEDULES
 
 # Fields that change how a run is executed but not what it computes: a resume may change them.
-EXECUTION_FIELDS = ("out_dir", "resume", "progress", "device", "num_workers", "data_root")
+EXECUTION_FIELDS = ("out_dir", "resume", "progress", "device", "num_workers", "data_root", "decode")
+DECODERS = ("cpu", "gpu")
 # Recipe fields added after runs were recorded: part of the recipe only when set.
 OPTIONAL_RECIPE_FIELDS = ("arch_options", "noise_sigma", "image_size")
 
@@ -83,6 +84,9 @@ class PretrainConfig:
     num_workers: int | None = field(default=None, metadata=helped(
         "data-loading worker processes per training process, decoding and cropping image files (default: the "
         "machine's cores shared among its training processes, at most 8; in-memory sets need none)"))
+    decode: str = field(default="cpu", metadata=helped(
+        "where streamed training JPEGs are decoded: cpu (in the loader workers) or gpu (nvJPEG on the training GPU "
+        "through TorchCodec, the workers only reading files; needs --device cuda)"))
     seed: int = field(default=0, metadata=helped("seed of the splits, data order, augmentation and initialisation"))
     resume: bool = field(default=False, metadata=helped("continue the run in --out-dir from its checkpoint"))
     progress: bool = field(default=True, metadata=helped("no progress bars"))
@@ -113,6 +117,8 @@ class PretrainConfig:
             raise RobustTransferError(f"--noise-sigma applies to method noise, not {self.method}")
         if self.image_size is not None and self.image_size < 8:
             raise RobustTransferError(f"image-size must be at least 8 pixels, got {self.image_size}")
+        if self.decode not in DECODERS:
+            raise RobustTransferError(f"unknown decode {self.decode!r}: use cpu or gpu")
         if self.num_workers is not None and self.num_workers < 0:
             raise RobustTransferError(f"num-workers must be >= 0, got {self.num_workers}")
         if self.train_examples is not None and self.train_examples < self.batch_size:

@@ -116,6 +116,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     if state is not None and state["epoch"] >= config.epochs and (run_dir / RESULTS_NAME).exists():
         return _finished_result(run_dir)
 
+    if config.decode == "gpu" and context.device.type != "cuda":
+        raise RobustTransferError(f"--decode gpu decodes on the training GPU, but this run trains on {context.device}: "
+                                  "use --device cuda, or --decode cpu")
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction, seed=config.seed,
                         image_size=config.image_size)
@@ -191,7 +194,8 @@ def _run_epoch(config: PretrainConfig, context: DistributedContext, precision: s
     epoch = training.epoch
     batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                            augment=augment, rank=context.rank, world_size=context.world_size,
-                           drop_last=True, num_workers=loader_workers(config.num_workers), device=context.device)
+                           drop_last=True, num_workers=loader_workers(config.num_workers), device=context.device,
+                           decode_device=context.device if config.decode == "gpu" else None)
     bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                disable=not (config.progress and context.is_main), dynamic_ncols=True)
     started = time.perf_counter()
