@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from robust_transfer import RobustTransferError, evaluate, transfer
 from robust_transfer.cli import main
-from robust_transfer.data import folder, load_dataset, make_batches
+from robust_transfer.data import folder, imagenet, load_dataset, make_batches
 from robust_transfer.data.decode import read_original
 from robust_transfer.data.folder import FolderDataset
 from robust_transfer.data.imagenet import DEVKIT
@@ -288,3 +288,12 @@ def test_decoding_a_batch_in_the_main_process_gives_the_workers_crops(tmp_path, 
     assert [len(x) for x, _ in decoded_here] == [8, 8, 8, 3]
     for (a, ya), (b, yb) in zip(in_workers, decoded_here, strict=True):
         assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_class_names_come_from_the_synset_list_or_torchvisions_for_all_1000(tmp_path):
+    synsets = [f"n{number:08d}" for number in range(1000)]  # sorted, as the train folders are
+    names = imagenet._class_names(tmp_path, synsets)
+    assert names[:3] == ["tench", "goldfish", "great white shark"] and len(set(names)) == 1000
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n02012849 crane\nn03126707 crane\nn01440764 tench, Tinca tinca\n")
+    assert imagenet._class_names(tmp_path, ["n01440764", "n02012849", "n03126707", "n09999999"]) == [
+        "tench", "crane n02012849", "crane n03126707", "n09999999"]
