@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from robust_transfer.train.checkpoint import load_checkpoint
@@ -27,18 +28,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_after_first_checkpoint(command: list[str], checkpoint: Path, epochs: int, env: dict | None = None) -> None:
-    """Start ``command``, wait for its first ``checkpoint``, then SIGKILL it and all its processes at once (torchrun
-    starts each worker in a session of its own, and workers and loader processes outlive a killed parent); check
-    that the run had not finished its ``epochs``."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                               start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """SIGKILL ``process`` and every process below it at once as soon as ``ready()`` (torchrun starts each worker
+    in a session of its own, and workers and loader processes outlive a killed parent); fail, with the process's
+    output when it was captured, if it ends first or ``what`` does not happen within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            output = process.communicate()[0] if process.stdout is not None else ""
+            raise AssertionError(f"the run ended before {what}: {output}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
     for pid in [*descendants(process.pid), process.pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     process.wait()
-    assert checkpoint.exists(), "the run stopped before its first checkpoint"
+
+
+def kill_after_first_checkpoint(command: list[str], checkpoint: Path, epochs: int, env: dict | None = None) -> None:
+    """Run ``command``, kill it (`kill_when`) once its first ``checkpoint`` is written, and check that it had not
+    finished its ``epochs``."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               start_new_session=True)
+    kill_when(process, checkpoint.exists, "its first checkpoint")
     assert load_checkpoint(checkpoint)["epoch"] < epochs, "the run finished before it could be killed"

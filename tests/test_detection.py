@@ -8,10 +8,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from robust_transfer.models import create_model, load_model, save_model
 from robust_transfer.study import Store, load_outcomes, parse_spec, plan_runs, run_study
 from robust_transfer.study.report import write_report
 from robust_transfer.train.checkpoint import load_checkpoint
+from tests.processes import kill_when
 
 SMALL = SceneRecipe(train=24, val=6, test=8, size=64, objects=(1, 2), scale=(1.0, 1.3))
 # Narrow heads and no resize: a few seconds per epoch on two cores.
@@ -395,13 +394,7 @@ def test_a_killed_detection_run_resumes_to_the_uninterrupted_result(scenes, sour
     whole = _start({**settings, "out_dir": str(tmp_path / "whole")})
     killed = _start({**settings, "out_dir": str(tmp_path / "killed")}, pause=True)
     checkpoint = tmp_path / "killed" / "checkpoints" / "lr-0.02.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists():
-        assert killed.poll() is None, killed.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_when(killed, checkpoint.exists, "the first checkpoint", 240)
     assert load_checkpoint(checkpoint)["epoch"] == 1 and not (tmp_path / "killed" / "result.json").exists()
     with pytest.raises(RobustTransferError, match="pass --resume"):  # never overwritten by accident
         detect(**settings, out_dir=str(tmp_path / "killed"))

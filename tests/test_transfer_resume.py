@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from robust_transfer.errors import RobustTransferError
 from robust_transfer.models import create_model, load_model, save_model
 from robust_transfer.train.checkpoint import load_checkpoint
 from robust_transfer.transfer import transfer
+from tests.processes import kill_when
 
 # Runs transfer(**settings); with a file name prefix given, it sleeps after writing the first checkpoint so named,
 # so the test can kill it right there, between two epochs, as a crash would.
@@ -70,13 +69,7 @@ def test_a_killed_transfer_resumes_to_the_uninterrupted_result(tmp_path, source)
     # those of the continued refit, so they show any state a resume failed to restore.
     killed = _start({**settings, "out_dir": str(killed_dir)}, pause_at="refit-")
     checkpoints = killed_dir / "checkpoints"
-    deadline = time.monotonic() + 180
-    while not list(checkpoints.glob("refit-*.pt")):
-        assert killed.poll() is None, killed.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_when(killed, lambda: bool(list(checkpoints.glob("refit-*.pt"))), "the refit's first checkpoint", 180)
     (paused,) = checkpoints.glob("refit-*.pt")
     assert [load_checkpoint(checkpoints / f"lr-{lr}.pt")["epoch"] for lr in ("0.01", "0.001")] == [3, 3]
     assert load_checkpoint(paused)["epoch"] == 1  # interrupted after its first epoch
