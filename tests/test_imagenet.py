@@ -293,8 +293,8 @@ def test_decoding_a_batch_in_the_main_process_gives_the_workers_crops(tmp_path, 
 
 def test_class_names_come_from_the_synset_list_or_torchvisions_for_all_1000(tmp_path):
     synsets = [f"n{number:08d}" for number in range(1000)]  # sorted, as the train folders are
-    names = imagenet._class_names(tmp_path, synsets)
+    names = imagenet._class_names(tmp_path, synsets, None)
     assert names[:3] == ["tench", "goldfish", "great white shark"] and len(set(names)) == 1000
     (tmp_path / "LOC_synset_mapping.txt").write_text("n02012849 crane\nn03126707 crane\nn01440764 tench, Tinca tinca\n")
-    assert imagenet._class_names(tmp_path, ["n01440764", "n02012849", "n03126707", "n09999999"]) == [
+    assert imagenet._class_names(tmp_path, ["n01440764", "n02012849", "n03126707", "n09999999"], None) == [
         "tench", "crane n02012849", "crane n03126707", "n09999999"]

@@ -75,12 +75,12 @@ class Batches:
         return len(self.global_batches)
 
     @property
-    def streamed(self) -> bool:
+    def crops_from_files(self) -> bool:
         """Whether the images are cropped from their original files in the loader (see the module docstring)."""
         return self.augment == STREAMED_AUGMENT and isinstance(self.dataset, ImageFiles)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.streamed:
+        if self.crops_from_files:
             return self._from_stream()
         if isinstance(self.dataset, InMemoryDataset):
             return self._from_memory()

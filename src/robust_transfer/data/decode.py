@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchcodec.decoders import decode_jpeg
 
+from ..errors import RobustTransferError
 from .augment import center_crop, eval_resize_size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -47,35 +48,40 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+def _open(path: Path, channels: int) -> Image.Image:
+    """The file's image, loaded, turned upright by its EXIF orientation and converted to RGB (or L)."""
+    with Image.open(path) as image:
+        image.load()
+        return _to_mode(ImageOps.exif_transpose(image), channels)
+
+
+def _as_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.array(image, dtype=np.uint8)  # a writable copy, not a view of PIL's buffer
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
 def decode_image(path: Path, size: int, channels: int, held_out: bool = False) -> torch.Tensor:
     """A uint8 [C, size, size] tensor: for train, the centre square resized to ``size`` (the random crops come
     later); ``held_out`` (validation, test): the paper's test transform as torchvision's Resize(eval_resize_size)
     + CenterCrop(size) gives it, resampled once from the file's pixels rather than again from the train decode."""
-    with Image.open(path) as image:
-        image.load()
-        image = _to_mode(ImageOps.exif_transpose(image), channels)
-        if held_out:
-            side, (width, height) = eval_resize_size(size), image.size
-            long = int(side * max(width, height) / min(width, height))  # truncated, as torchvision's Resize
-            image = image.resize((side, long) if width <= height else (long, side), Image.Resampling.BILINEAR)
-        else:
-            image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
-        array = np.array(image, dtype=np.uint8)  # a writable copy, not a view of PIL's buffer
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return center_crop(torch.from_numpy(array).permute(2, 0, 1), size).contiguous()
+    image = _open(path, channels)
+    if held_out:
+        side, (width, height) = eval_resize_size(size), image.size
+        long = int(side * max(width, height) / min(width, height))  # truncated, as torchvision's Resize
+        image = image.resize((side, long) if width <= height else (long, side), Image.Resampling.BILINEAR)
+    else:
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
+    return center_crop(_as_tensor(image), size).contiguous()
+
+
+def cannot_decode(path: Path, error: Exception, advice: str = "remove or replace the file") -> RobustTransferError:
+    """The one-line error for a file that does not decode mid-run (``error``: one of `DECODE_ERRORS`)."""
+    return RobustTransferError(f"cannot decode {path} ({type(error).__name__}: {error}): {advice}")
 
 
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
-
-
-def _read_with_pil(path: Path, channels: int) -> torch.Tensor:
-    with Image.open(path) as image:
-        image.load()
-        array = np.array(_to_mode(ImageOps.exif_transpose(image), channels), dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def read_original(path: Path, channels: int) -> torch.Tensor:
@@ -86,7 +92,7 @@ def read_original(path: Path, channels: int) -> torch.Tensor:
             return decode_jpeg(path, mode="GRAY" if channels == 1 else "RGB")
         except RuntimeError:  # not a JPEG libjpeg-turbo takes: PIL decodes it or says why not
             pass
-    return _read_with_pil(path, channels)
+    return _as_tensor(_open(path, channels)).contiguous()
 
 
 def read_bytes(path: Path) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import RobustTransferError
-from .decode import DECODE_ERRORS, IMAGE_SUFFIXES, decode_image
+from .decode import DECODE_ERRORS, IMAGE_SUFFIXES, cannot_decode, decode_image
 from .memory import InMemoryDataset
 from .streaming import StreamedCrops
 
@@ -130,10 +130,7 @@ class FolderDataset(ImageFiles, Dataset):
         try:
             image = decode_image(self.paths[index], self.size, self.channels, self.held_out)
         except DECODE_ERRORS as error:
-            raise RobustTransferError(
-                f"cannot decode {self.paths[index]} ({type(error).__name__}: {error}): "
-                "remove or replace the file"
-            ) from None
+            raise cannot_decode(self.paths[index], error) from None
         return image.float().div_(255), int(self.labels[index])
 
     def subset(self, indices: torch.Tensor | list[int]) -> FolderDataset:

@@ -15,6 +15,7 @@ val/ is the test split (as everywhere: its real test labels were never released)
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 import tarfile
@@ -76,8 +77,9 @@ class _Devkit:
         except (tarfile.TarError, KeyError, OSError) as error:
             raise RobustTransferError(f"cannot read {member} from {self.location}: {error}") from None
 
+    @functools.cached_property
     def synsets(self) -> list[tuple[int, str, str]]:
-        """(ILSVRC2012_ID, synset, words) of the 1000 leaf synsets, from meta.mat."""
+        """(ILSVRC2012_ID, synset, words) of the 1000 leaf synsets, from meta.mat (read once)."""
         try:
             table = loadmat(io.BytesIO(self.read(META)), squeeze_me=True)["synsets"]
             return [(int(row["ILSVRC2012_ID"]), str(row["WNID"]), str(row["words"]))
@@ -87,7 +89,7 @@ class _Devkit:
 
     def val_synsets(self) -> dict[str, str]:
         """Val image stem -> synset: line i of the ground truth is the ILSVRC2012_ID of image i."""
-        by_id = {number: synset for number, synset, _ in self.synsets()}
+        by_id = {number: synset for number, synset, _ in self.synsets}
         lines = self.read(GROUND_TRUTH).decode().split()
         try:
             return {f"ILSVRC2012_val_{i:08d}": by_id[int(value)] for i, value in enumerate(lines, start=1)}
@@ -112,12 +114,11 @@ def _solution_synsets(path: Path) -> dict[str, str]:
                                   f"{type(error).__name__} {error}") from None
 
 
-def _val_labels(base: Path) -> tuple[Path, Callable[[], dict[str, str]]]:
+def _val_labels(base: Path, devkit: _Devkit | None) -> tuple[Path, Callable[[], dict[str, str]]]:
     """Where the flat val/'s labels come from, and how to read them."""
     solution = _find(base, SOLUTION)
     if solution is not None:
         return solution, lambda: _solution_synsets(solution)
-    devkit = _devkit(base)
     if devkit is not None:
         return devkit.location, devkit.val_synsets
     raise RobustTransferError(
@@ -126,10 +127,10 @@ def _val_labels(base: Path) -> tuple[Path, Callable[[], dict[str, str]]]:
         "val/<synset>/ folders")
 
 
-def _flat_val(base: Path, synsets: list[str]) -> tuple[list[Path], list[int]]:
+def _flat_val(base: Path, synsets: list[str], devkit: _Devkit | None) -> tuple[list[Path], list[int]]:
     files = sorted(p for p in (base / "val").iterdir()
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    source, read = _val_labels(base)
+    source, read = _val_labels(base, devkit)
     labels_of = read()
     index = {synset: label for label, synset in enumerate(synsets)}
     labels = []
@@ -145,14 +146,13 @@ def _flat_val(base: Path, synsets: list[str]) -> tuple[list[Path], list[int]]:
     return files, labels
 
 
-def _class_names(base: Path, synsets: list[str]) -> list[str]:
+def _class_names(base: Path, synsets: list[str], devkit: _Devkit | None) -> list[str]:
     """A readable name per synset ("tench"); a name two synsets share gets its synset ("crane n02012849")."""
     mapping = _find(base, SYNSET_NAMES)
-    devkit = _devkit(base)
     if mapping is not None:
         words = dict(line.split(" ", 1) for line in mapping.read_text().splitlines() if " " in line)
     elif devkit is not None:
-        words = {synset: text for _, synset, text in devkit.synsets()}
+        words = {synset: text for _, synset, text in devkit.synsets}
     elif len(synsets) == 1000:  # the full ILSVRC-2012 class list, in sorted-synset order
         words = dict(zip(synsets, ResNet50_Weights.IMAGENET1K_V1.meta["categories"], strict=True))
     else:
@@ -170,7 +170,8 @@ def load_imagenet(root: Path, size: int, channels: int) -> tuple[TrainFiles, Non
         raise RobustTransferError(
             f"{base / 'train'} has class folder(s) not named by a WordNet synset (nXXXXXXXX): {', '.join(odd[:3])}; "
             "ImageNet's are (train/n01440764/...). For other class folders use --dataset imagefolder")
-    names = _class_names(base, synsets)
+    devkit = _devkit(base)  # its synset table serves the names and the val labels alike
+    names = _class_names(base, synsets, devkit)
     train = TrainFiles(paths, labels, names, size, channels, f"{root.name}/train")
     val_dir = base / "val"
     if not val_dir.is_dir():
@@ -178,7 +179,7 @@ def load_imagenet(root: Path, size: int, channels: int) -> tuple[TrainFiles, Non
     if any(p.is_dir() for p in val_dir.iterdir()):
         val_paths, val_labels, _ = scan_split(val_dir, synsets)
     else:
-        val_paths, val_labels = _flat_val(base, synsets)
+        val_paths, val_labels = _flat_val(base, synsets, devkit)
     if not val_paths:
         raise RobustTransferError(f"{val_dir} holds no image files: expected {LAYOUT}")
     test = load_split(val_paths, val_labels, names, size, channels, f"{root.name}/val", held_out=True)

@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ..errors import RobustTransferError
-from .decode import DECODE_ERRORS, decode_jpegs, read_bytes, read_original
+from .decode import DECODE_ERRORS, cannot_decode, decode_jpegs, read_bytes, read_original
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, the paper's training transform
 CROP_RATIO = (3 / 4, 4 / 3)
+RESUME_ADVICE = "remove or replace the file, then --resume"
 
 
 def item_seed(seed: int, epoch: int, batch: int, row: int) -> int:
@@ -63,7 +63,7 @@ class StreamedCrops(Dataset):
         caller's random stream (a training run's, with 0 workers) is untouched."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            box = self._crop.make_params([torch.empty(self.channels, height, width, dtype=torch.uint8)])
+            box = self._crop.make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(self.channels, height, width)])
             flip = bool(torch.rand(()) < 0.5)
         return box, flip
 
@@ -73,15 +73,11 @@ class StreamedCrops(Dataset):
         out = v2.functional.resized_crop(image, **box, size=[self.size, self.size], antialias=True)
         return v2.functional.horizontal_flip(out) if flip else out
 
-    def _unreadable(self, path: Path, error: Exception) -> RobustTransferError:
-        return RobustTransferError(f"cannot decode {path} ({type(error).__name__}: {error}): "
-                                   "remove or replace the file, then --resume")
-
     def _original(self, index: int) -> torch.Tensor:
         try:
             return read_original(self.path(index), self.channels)
         except DECODE_ERRORS as error:
-            raise self._unreadable(self.path(index), error) from None
+            raise cannot_decode(self.path(index), error, RESUME_ADVICE) from None
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, seed = key
@@ -89,7 +85,7 @@ class StreamedCrops(Dataset):
             try:
                 return index, seed, read_bytes(self.path(index))
             except OSError as error:
-                raise self._unreadable(self.path(index), error) from None
+                raise cannot_decode(self.path(index), error, RESUME_ADVICE) from None
         return self.crop(self._original(index), seed), int(self.labels[index])
 
     def decode_batch(self, items: list[tuple[int, int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
