@@ -51,9 +51,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_ROBUSTNESS_PYTHON = Path.home() / ".cache/robust-transfer/bench-robustness-venv/bin/python"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-ALL_CONTENDERS = ("ours", "plain", "robustness", "plain-bf16")
+ALL_CONTENDERS = ("ours", "plain", "robustness", "plain-bf16", "ours-compiled")
 LABELS = {
     "ours": "robust_transfer (defaults)",
+    "ours-compiled": "robust_transfer --compile",
     "plain": "plain PyTorch fp32 loop",
     "robustness": "robustness 1.2.1 (fp32)",
     "plain-bf16": "plain loop + channels_last + bf16",
@@ -72,7 +73,7 @@ class Ours:
 
     name = "ours"
 
-    def __init__(self, base_model, x, y, args) -> None:
+    def __init__(self, base_model, x, y, args, compiled: bool = False) -> None:
         from robust_transfer import Attack, ThreatModel
         from robust_transfer.runtime import prepare_batch, prepare_model, resolve_device, resolve_precision
         from robust_transfer.train.objectives import make_objective
@@ -81,6 +82,8 @@ class Ours:
         self.device = resolve_device("auto")
         self.precision = resolve_precision("auto", self.device)
         self.model = prepare_model(copy.deepcopy(base_model), self.device, self.precision)
+        # --compile: the training forward and the attack run through one compiled module (its first step compiles).
+        self.train_model = torch.compile(self.model) if compiled else self.model
         self.x = prepare_batch(x, self.device, self.precision)
         self.y = y.to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
@@ -101,17 +104,19 @@ class Ours:
             "precision": self.precision,
             "channels_last": self.x.is_contiguous(memory_format=torch.channels_last) and not self.x.is_contiguous(),
             "threads": torch.get_num_threads(),
+            "compiled": compiled,
         }
 
     def step(self) -> tuple[float, torch.Tensor]:
         loss, _logits = self._train_step(
-            self.model,
+            self.train_model,
             self.optimizer,
             self.objective,
             self.x,
             self.y,
             precision=self.precision,
             device=self.device,
+            attack_model=self.train_model,
         )
         return loss.item(), self._last_adv
 
@@ -302,6 +307,8 @@ def summarize(results: dict, contenders: list[str], batch: int) -> dict:
         for b in ("robustness", "plain")
         if b in contenders and a != b and not (a == "robustness" and b == "plain")
     }
+    if "ours-compiled" in contenders and "ours" in contenders:
+        summary["ratios"]["ours-compiled/ours"] = ratio("ours-compiled", "ours")
     return summary
 
 
@@ -480,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     from robust_transfer.models import create_model
     from robust_transfer.runtime import tune_malloc
 
-    malloc_tuned = tune_malloc() if "ours" in contenders else False
+    malloc_tuned = tune_malloc() if {"ours", "ours-compiled"} & set(contenders) else False
     if args.threads:
         torch.set_num_threads(args.threads)
     loadavg_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -523,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict = {}
         try:
             for name in contenders:
-                if name == "ours":
-                    runners[name] = Ours(base, x, y, args)
+                if name in ("ours", "ours-compiled"):
+                    runners[name] = Ours(base, x, y, args, compiled=name == "ours-compiled")
                 elif name == "plain":
                     runners[name] = Worker(name, [sys.executable, str(HERE / "_plain_worker.py"), *common], workdir)
                 elif name == "plain-bf16":

@@ -75,6 +75,20 @@ def test_attack_restores_modes_and_leaves_no_parameter_gradients(tiny_net):
     assert torch.equal(tiny_net.features[1].running_mean, running_mean)
 
 
+def test_attack_passes_run_with_frozen_parameters_and_only_the_trainable_ones_thaw(tiny_net):
+    # A compiled model traces what its backward computes: trainable weights there would cost every attack
+    # step a weight gradient. A layer frozen before the attack (fixed-feature transfer) stays frozen.
+    tiny_net.features[0].weight.requires_grad_(False)
+    before = [p.requires_grad for p in tiny_net.parameters()]
+    seen = []
+    tiny_net.fc.register_forward_pre_hook(lambda *_: seen.append(any(p.requires_grad for p in tiny_net.parameters())))
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    x_adv = pgd(tiny_net, x, y, ThreatModel("l2", 0.5), steps=2)
+    assert len(seen) >= 2 and not any(seen)
+    assert [p.requires_grad for p in tiny_net.parameters()] == before
+    assert float((x_adv - x).abs().max()) > 0  # the input gradient still flowed
+
+
 def test_pgd_breaks_a_trained_model_and_robust_never_exceeds_clean(linear_model, separable_data):
     x, y = separable_data
     clean = evaluate(linear_model, (x, y))

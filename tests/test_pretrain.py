@@ -52,6 +52,27 @@ def test_every_method_trains_and_writes_a_loadable_model(tmp_path, method):
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_compiled_run_trains_as_the_eager_one_and_saves_a_plain_model(tmp_path):
+    config = dict(TINY, arch="tests.user_models:tiny_cnn", method="fgsm-rs", precision="fp32")
+    eager = pretrain(PretrainConfig(**config, out_dir=str(tmp_path / "eager")))
+    compiled = pretrain(PretrainConfig(**config, compile=True, out_dir=str(tmp_path / "compiled")))
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+    expected, got = load_model(eager.model_path).state_dict(), load_model(compiled.model_path).state_dict()
+    assert list(got) == list(expected)  # no torch.compile wrapper in the saved names
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert compiled.test.clean_acc == pytest.approx(eager.test.clean_acc, abs=1 / 128)
+    # Compiling changes how a run executes, not what it computes: a resume may switch it off.
+    assert "compile" not in PretrainConfig(compile=True).recipe()
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(RobustTransferError, match="needs a C\\+\\+ compiler"):
+        pretrain(PretrainConfig(**TINY, compile=True, device="cpu", out_dir=str(tmp_path / "run")))
+
+
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     config = dict(TINY, train_examples=512, epochs=3, method="pgd")
     reference = pretrain(PretrainConfig(**config, out_dir=str(tmp_path / "reference")))

@@ -1,8 +1,8 @@
 """Projected gradient descent (PGD) and FGSM over a threat model, and `Attack`, an attack as one value.
 
 Every attack treats the model as a black box taking [0, 1] images; it runs the model in eval
-mode (BatchNorm with running statistics, no dropout), hands the mode back afterwards and leaves
-no gradient on the model's parameters.
+mode (BatchNorm with running statistics, no dropout) with its parameters frozen, hands both back
+afterwards and leaves no gradient on the model's parameters.
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Stop ``model``'s parameters from requiring gradients for the block, then restore those that did.
+
+    An attack differentiates with respect to its input only. Eager autograd skips the weight gradients
+    anyway, but a ``torch.compile``d model decides what its backward computes when it is traced: with
+    trainable parameters it would compute (and throw away) every weight gradient of every attack step.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
 
 
 def _is_better(success: torch.Tensor, loss: torch.Tensor, best_success: torch.Tensor,
@@ -91,7 +109,7 @@ def pgd(
     sign = -1.0 if targeted else 1.0
 
     expand = (-1,) + (1,) * (x.dim() - 1)
-    with eval_mode(model):
+    with eval_mode(model), frozen_parameters(model):
         if use_best:
             # The unperturbed input competes too: an attack never reports a worse point than x.
             best_success, best_loss = _evaluate_candidates(model, x, y, loss_fn, targeted)

@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import shutil
 import sys
 
 import torch
@@ -105,6 +106,15 @@ def prepare_model(model: nn.Module, device: torch.device, precision: str) -> nn.
     if uses_channels_last(precision, device):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def check_can_compile(device: torch.device) -> None:
+    """Raise a one-line error when ``torch.compile`` cannot work here: on the CPU, inductor builds its kernels
+    with a C++ compiler (``$CXX``, g++ or clang++); better said before the data loads than mid-step."""
+    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "clang++")
+                                        if name):
+        raise RobustTransferError("--compile on the CPU needs a C++ compiler (g++ or clang++, or $CXX): install one, "
+                                  "or run without --compile")
 
 
 def prepare_batch(x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:

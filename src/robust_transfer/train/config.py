@@ -17,7 +17,7 @@ from .objectives import METHODS
 from .schedule import SCHEDULES
 
 # Fields that change how a run is executed but not what it computes: a resume may change them.
-EXECUTION_FIELDS = ("out_dir", "resume", "progress", "device", "num_workers", "data_root", "decode")
+EXECUTION_FIELDS = ("out_dir", "resume", "progress", "device", "num_workers", "data_root", "decode", "compile")
 DECODERS = ("cpu", "gpu")
 # Recipe fields added after runs were recorded: part of the recipe only when set.
 OPTIONAL_RECIPE_FIELDS = ("arch_options", "noise_sigma", "image_size")
@@ -87,6 +87,9 @@ class PretrainConfig:
     decode: str = field(default="cpu", metadata=helped(
         "where streamed training JPEGs are decoded: cpu (in the loader workers) or gpu (nvJPEG on the training GPU "
         "through TorchCodec, the workers only reading files; needs --device cuda)"))
+    compile: bool = field(default=False, metadata=helped(
+        "run the training forward and the training attack through torch.compile: the first steps compile (tens "
+        "of seconds to minutes), later ones may run faster; docs/BENCHMARKS.md says where it pays off"))
     seed: int = field(default=0, metadata=helped("seed of the splits, data order, augmentation and initialisation"))
     resume: bool = field(default=False, metadata=helped("continue the run in --out-dir from its checkpoint"))
     progress: bool = field(default=True, metadata=helped("no progress bars"))

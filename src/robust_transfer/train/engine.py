@@ -110,6 +110,7 @@ def run_epoch(
     device: torch.device,
     precision: str,
     train_model: nn.Module | None = None,
+    attack_model: nn.Module | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     after_batch: Callable[[int, torch.Tensor], None] | None = None,
     stopped: Callable[[NonFiniteLossError, int], RobustTransferError] | None = None,
@@ -117,6 +118,7 @@ def run_epoch(
     """Train one epoch: for each batch, ``objective.replays`` steps, each followed by a schedule step.
 
     ``train_model`` is what the optimiser's forward runs through (a DDP wrapper; default the state's
+    model); ``attack_model`` is what the objective's attack runs through (a compiled model; default the state's
     model); ``train_mode`` puts it in training mode (fine-tuning keeps frozen BatchNorm in eval mode).
     ``after_batch(index, loss)`` sees each batch's detached loss (progress bars). A NaN or infinite loss
     stops before the update; ``stopped(error, batch index)`` turns it into the error the caller raises.
@@ -127,14 +129,17 @@ def run_epoch(
     """
     model = state.model
     objective = state.objective
+    # `is None`, not `or`: a compiled module refuses to be asked for its truth value.
+    train_model = model if train_model is None else train_model
+    attack_model = model if attack_model is None else attack_model
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     nothing = totals.new_zeros(())
     for index, (x, y) in enumerate(batches):
         x, y = objective.to_device(x, y, device, precision)
         for _replay in range(state.objective.replays):
             try:
-                loss, logits = train_step(train_model or model, state.optimizer, objective, x, y,
-                                          precision=precision, device=device, attack_model=model,
+                loss, logits = train_step(train_model, state.optimizer, objective, x, y,
+                                          precision=precision, device=device, attack_model=attack_model,
                                           train_mode=train_mode)
             except NonFiniteLossError as error:
                 raise (stopped(error, index) if stopped is not None else error) from None

@@ -21,7 +21,7 @@ from ..errors import RobustTransferError
 from ..evaluation import EvalResult, evaluate
 from ..models import create_model, save_model
 from ..rundir import run_folder
-from ..runtime import loader_workers, prepare_model, resolve_precision, tune_malloc
+from ..runtime import check_can_compile, loader_workers, prepare_model, resolve_precision, tune_malloc
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .distributed import DistributedContext, all_reduce_sum, init_distributed, seed_process, wrap_for_training
@@ -116,6 +116,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     if state is not None and state["epoch"] >= config.epochs and (run_dir / RESULTS_NAME).exists():
         return _finished_result(run_dir)
 
+    if config.compile:
+        check_can_compile(context.device)
     if config.decode == "gpu" and context.device.type != "cuda":
         raise RobustTransferError(f"--decode gpu decodes on the training GPU, but this run trains on {context.device}: "
                                   "use --device cuda, or --decode cpu")
@@ -148,12 +150,17 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
         seed_process(config.seed, context)
     model = prepare_model(model, context.device, precision)
     train_model = wrap_for_training(model, context)
+    # The plain model is what is saved and validated; with --compile the steps run through compiled ones.
+    attack_model = torch.compile(model) if config.compile else model
+    if config.compile:
+        train_model = attack_model if train_model is model else torch.compile(train_model)
 
     metrics = MetricsLog(run_dir, training.epoch, enabled=context.is_main)
     started = time.perf_counter()
     try:
         while training.epoch < config.epochs:
-            summary = _run_epoch(config, context, precision, training, train_model, train_set, augment)
+            summary = _run_epoch(config, context, precision, training, train_model, attack_model, train_set,
+                                 augment)
             if context.is_main:
                 summary.update(_validate(config, model, val_set, precision, context))
             training.epoch += 1
@@ -190,7 +197,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
 
 
 def _run_epoch(config: PretrainConfig, context: DistributedContext, precision: str, training: TrainingState,
-                 train_model, train_set, augment) -> dict[str, Any]:
+               train_model, attack_model, train_set, augment) -> dict[str, Any]:
     epoch = training.epoch
     batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                            augment=augment, rank=context.rank, world_size=context.world_size,
@@ -215,7 +222,7 @@ def _run_epoch(config: PretrainConfig, context: DistributedContext, precision: s
 
     try:
         totals = run_epoch(training, batches, device=context.device, precision=precision, train_model=train_model,
-                           after_batch=after_batch, stopped=stopped)
+                           attack_model=attack_model, after_batch=after_batch, stopped=stopped)
     finally:
         bar.close()
     seconds = time.perf_counter() - started
