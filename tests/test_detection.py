@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 import robust_transfer
 from robust_transfer.cli import main
-from robust_transfer.data.detection import DetectionDataset, read_detection_data
+from robust_transfer.data.decode import read_original
+from robust_transfer.data.detection import DetectionDataset, decode, read_detection_data
 from robust_transfer.data.scenes import SceneRecipe, write_scenes
 from robust_transfer.detect import build_detector, detect, load_detector
 from robust_transfer.detect.backbone import stage_maps
@@ -260,6 +261,18 @@ def test_an_undecodable_image_is_named(scenes, tmp_path):
     folder = _broken(scenes, tmp_path, lambda f: (f / "test" / "00002.png").write_bytes(b"not a png at all"))
     with pytest.raises(RobustTransferError, match=r"cannot decode the image .*00002\.png"):
         DetectionDataset(read_detection_data(folder).test)[2]
+
+
+def test_detection_images_keep_their_stored_pixel_grid_while_classification_turns_them_upright(tmp_path):
+    # Boxes and masks are drawn on the stored grid; an EXIF rotation there would move every object.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    image = decode(tmp_path / "rotated.jpg", channels=3)
+    assert image.shape == (3, 20, 40) and image[:, :, :15].mean() > 0.9 and image[:, :, 25:].mean() < 0.1
+    assert read_original(tmp_path / "rotated.jpg", channels=3).shape == (3, 40, 20)
 
 
 def test_a_folder_in_no_known_layout_says_what_it_expected(tmp_path):

@@ -95,6 +95,24 @@ def read_original(path: Path, channels: int) -> torch.Tensor:
     return _as_tensor(_open(path, channels)).contiguous()
 
 
+def read_as_stored(path: Path, channels: int) -> torch.Tensor:
+    """The whole image as a uint8 [C, H, W] tensor in its stored pixel grid, EXIF orientation not applied: the
+    grid that detection datasets' boxes and masks are drawn on (as torchvision's detection references read COCO);
+    raises one of `DECODE_ERRORS` when the file is not an image."""
+    with Image.open(path) as image:
+        image.load()
+        return _as_tensor(_to_mode(image, channels)).contiguous()
+
+
+def read_palette_indices(path: Path) -> torch.Tensor:
+    """A palette (or gray) PNG's pixel values as a uint8 [H, W] tensor: VOC's object masks, where value i is the
+    i-th object and 255 the void border; raises ValueError for an image of another mode."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"expected a palette PNG of object indices, got an image of mode {image.mode}")
+        return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
 def read_bytes(path: Path) -> torch.Tensor:
     """A file's bytes as a uint8 tensor (for decoding elsewhere: `decode_jpegs`)."""
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)

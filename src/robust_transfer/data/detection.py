@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from ..errors import RobustTransferError
+from .decode import DECODE_ERRORS, read_as_stored, read_palette_indices
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,10 @@ def check_detection_data(data: DetectionData, task: str, check_files: bool = Tru
 def decode(path: Path, channels: int) -> torch.Tensor:
     """An image file as a float [0, 1] tensor C x H x W with ``channels`` (1 or 3) channels."""
     try:
-        raw = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
-    except (RuntimeError, OSError) as error:
-        raise RobustTransferError(f"cannot decode the image {path}: {str(error).splitlines()[0][:200]}") from None
+        raw = read_as_stored(path, channels)
+    except DECODE_ERRORS as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise RobustTransferError(f"cannot decode the image {path}: {reason}") from None
     return raw.float().div_(255)
 
 
@@ -353,8 +354,8 @@ def _voc_masks(split: DetectionSplit, image: dict[str, Any], annotations: list[d
     path = year / "SegmentationObject" / f"{image['voc_name']}.png"
     try:
         # palette PNG: pixel value i is the i-th object of the XML, 255 the void border
-        indices = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED)[0]
-    except (RuntimeError, OSError) as error:
+        indices = read_palette_indices(path)
+    except DECODE_ERRORS as error:
         raise RobustTransferError(f"cannot read the instance mask {path}: {error}") from None
     return torch.stack([indices == a["voc_index"] for a in annotations]).to(torch.uint8) if annotations else \
         torch.zeros(0, height, width, dtype=torch.uint8)
