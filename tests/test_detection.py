@@ -273,6 +273,8 @@ def test_detection_images_keep_their_stored_pixel_grid_while_classification_turn
     image = decode(tmp_path / "rotated.jpg", channels=3)
     assert image.shape == (3, 20, 40) and image[:, :, :15].mean() > 0.9 and image[:, :, 25:].mean() < 0.1
     assert read_original(tmp_path / "rotated.jpg", channels=3).shape == (3, 40, 20)
+    Image.fromarray(stored).save(tmp_path / "upright.jpg", quality=95)  # no EXIF: the JPEG decoder's path
+    torch.testing.assert_close(decode(tmp_path / "upright.jpg", channels=3), image, atol=2 / 255, rtol=0)
 
 
 def test_a_folder_in_no_known_layout_says_what_it_expected(tmp_path):
