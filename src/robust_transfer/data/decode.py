@@ -48,11 +48,16 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+def _loaded(image: Image.Image, channels: int, upright: bool = True) -> Image.Image:
+    """An opened image, loaded, turned upright by its EXIF orientation (unless not ``upright``), in RGB (or L)."""
+    image.load()
+    return _to_mode(ImageOps.exif_transpose(image) if upright else image, channels)
+
+
 def _open(path: Path, channels: int) -> Image.Image:
     """The file's image, loaded, turned upright by its EXIF orientation and converted to RGB (or L)."""
     with Image.open(path) as image:
-        image.load()
-        return _to_mode(ImageOps.exif_transpose(image), channels)
+        return _loaded(image, channels)
 
 
 def _as_tensor(image: Image.Image) -> torch.Tensor:
@@ -102,8 +107,7 @@ def read_as_stored(path: Path, channels: int) -> torch.Tensor:
     raises one of `DECODE_ERRORS` when the file is not an image."""
     with Image.open(path) as image:  # reads the header only
         if image.format != "JPEG" or image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-            image.load()
-            return _as_tensor(_to_mode(image, channels)).contiguous()
+            return _as_tensor(_loaded(image, channels, upright=False)).contiguous()
     return read_original(path, channels)  # an upright JPEG: the faster decoder, with nothing to rotate
 
 

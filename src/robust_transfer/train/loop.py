@@ -151,8 +151,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
     model = prepare_model(model, context.device, precision)
     train_model = wrap_for_training(model, context)
     # The plain model is what is saved and validated; with --compile the steps run through compiled ones.
-    attack_model = torch.compile(model) if config.compile else model
+    attack_model = model
     if config.compile:
+        attack_model = torch.compile(model)
         train_model = attack_model if train_model is model else torch.compile(train_model)
 
     metrics = MetricsLog(run_dir, training.epoch, enabled=context.is_main)
