@@ -1,8 +1,9 @@
 """Projected gradient descent (PGD) and FGSM over a threat model, and `Attack`, an attack as one value.
 
 Every attack treats the model as a black box taking [0, 1] images; it runs the model in eval
-mode (BatchNorm with running statistics, no dropout) with its parameters frozen, hands both back
-afterwards and leaves no gradient on the model's parameters.
+mode (BatchNorm with running statistics, no dropout) with its parameters frozen and its BatchNorms
+folded into their convolutions (`robust_transfer.folding`), hands all of it back afterwards and
+leaves no gradient on the model's parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RobustTransferError
+from .folding import folded_batchnorm
 from .parsing import parse_eps
 from .threat import ThreatModel
 
@@ -109,7 +111,7 @@ def pgd(
     sign = -1.0 if targeted else 1.0
 
     expand = (-1,) + (1,) * (x.dim() - 1)
-    with eval_mode(model), frozen_parameters(model):
+    with eval_mode(model), frozen_parameters(model), folded_batchnorm(model):
         if use_best:
             # The unperturbed input competes too: an attack never reports a worse point than x.
             best_success, best_loss = _evaluate_candidates(model, x, y, loss_fn, targeted)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attack import Attack, eval_mode
+from .folding import folded_batchnorm
 
 SQUARE_QUERIES = 5000
 MIN_TARGETED_CLASSES = 4
@@ -53,7 +54,7 @@ def perturb(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     if attack.kind == "pgd":
         return attack(model, x, y, generator=generator)
     x = x.detach().float().contiguous()
-    with eval_mode(model), torch.autocast(x.device.type, enabled=False):
+    with eval_mode(model), folded_batchnorm(model), torch.autocast(x.device.type, enabled=False):
         with torch.no_grad():
             logits = model(x)
         robust = logits.argmax(1) == y

@@ -59,6 +59,8 @@ class SmallResNet(nn.Module):
     ``layer1`` .. ``layer3``, ``fc``.
     """
 
+    batchnorm_after = {"conv1": "bn1"}  # forward applies bn1 straight to conv1's output (robust_transfer.folding)
+
     def __init__(
         self,
         num_classes: int = 10,

@@ -85,6 +85,7 @@ class CrossProcessBatchNorm2d(nn.BatchNorm2d):
     """
 
     group = None  # set by convert_batchnorm: a process group of its own (see there)
+    folds_in_eval_mode = True  # eval mode is BatchNorm2d's affine map: attacks fold it (robust_transfer.folding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
