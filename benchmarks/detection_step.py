@@ -69,7 +69,7 @@ def main() -> None:
     contenders = {}
     for name, precision in (("ours", ours_precision), ("plain", "fp32")):
         model = _detector(args, len(data.class_names), channels)
-        model = prepare_model(model, device, precision) if name == "ours" else model
+        model = prepare_model(model, device) if name == "ours" else model
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         contenders[name] = (model, optimizer, precision)
     objective = DetectionObjective()

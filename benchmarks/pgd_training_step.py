@@ -81,10 +81,10 @@ class Ours:
 
         self.device = resolve_device("auto")
         self.precision = resolve_precision("auto", self.device)
-        self.model = prepare_model(copy.deepcopy(base_model), self.device, self.precision)
+        self.model = prepare_model(copy.deepcopy(base_model), self.device)
         # --compile: the training forward and the attack run through one compiled module (its first step compiles).
         self.train_model = torch.compile(self.model) if compiled else self.model
-        self.x = prepare_batch(x, self.device, self.precision)
+        self.x = prepare_batch(x, self.device)
         self.y = y.to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
         attack = Attack(ThreatModel("l2", args.eps), steps=args.attack_steps, step_size=args.step_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_transfer import RobustTransferError
+from robust_transfer import RobustTransferError, create_model, load_dataset
 from robust_transfer.cli import main
 from robust_transfer.models import load_model
 from robust_transfer.train import PretrainConfig, loop, pretrain
@@ -218,9 +218,11 @@ def test_killed_torchrun_training_resumes_to_the_same_weights(tmp_path, method):
 def test_two_process_training_matches_one_process(tmp_path):
     # The real CLI under torchrun against one process. Only loose: in fp32 the two summation orders differ by
     # about 1e-7, which flips a few ReLUs whose input sits that close to zero and moves gradients by up to 1e-2
-    # (a 1e-7 input perturbation does the same in one process, even in float64). After 4 steps that leaves
-    # about 1e-3; with a PGD objective it grows to 4e-2 on some subsets. tests/test_distributed.py checks the
-    # same pieces sharply: the BatchNorm layer at fp32 precision, a whole model's gradients in float64.
+    # (a 1e-7 input perturbation does the same in one process, even in float64). After 4 steps the two runs are
+    # apart by up to a tenth of how far training moved each tensor (the stem's weights; one process switching
+    # between NCHW and channels_last drifts as far), while a real fault (gradients summed, not averaged, or a
+    # rank's share lost) is off by the order of the move itself. tests/test_distributed.py checks the same
+    # pieces sharply: the BatchNorm layer at fp32 precision, a whole model's gradients in float64.
     config = dict(TINY, method="standard", eps=0.0, precision="fp32", epochs=1, train_examples=256)
     single = pretrain(PretrainConfig(**config, out_dir=str(tmp_path / "single")))
     args = _cli_args(config)
@@ -230,8 +232,14 @@ def test_two_process_training_matches_one_process(tmp_path):
          "-m", "robust_transfer", "pretrain", *args, "--out-dir", str(tmp_path / "ddp")],
         capture_output=True, text=True, env=env, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    torch.manual_seed(0)  # the initial weights, as pretrain builds them
+    data = load_dataset("fashion-mnist", seed=0)
+    initial = create_model("small_resnet", num_classes=10, in_channels=1, mean=data.mean, std=data.std).state_dict()
     expected = load_model(single.model_path).state_dict()
     actual = load_model(tmp_path / "ddp" / "model.safetensors").state_dict()
-    # The tolerance passes the rounding gap described above and little more.
     for key in expected:
-        assert torch.allclose(expected[key].float(), actual[key].float(), atol=1e-3, rtol=1e-2), key
+        if not expected[key].is_floating_point():
+            assert torch.equal(expected[key], actual[key]), key  # batches counted alike
+            continue
+        moved = (expected[key].float() - initial[key].float()).norm()  # 0 for the normalisation's constants
+        assert (actual[key].float() - expected[key].float()).norm() <= 0.25 * moved, key

@@ -122,7 +122,7 @@ def accuracy(
     batches = limited(eval_batches(data, batch_size), max_examples)
     bar = tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
     for x, y in bar:
-        x = prepare_batch(x.float(), torch_device, precision)
+        x = prepare_batch(x.float(), torch_device)
         y = y.to(torch_device).long()
         with autocast(precision, torch_device):
             with eval_mode(model), torch.no_grad():

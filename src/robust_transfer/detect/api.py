@@ -146,7 +146,7 @@ def _detect(config: DetectConfig, out_dir: Path, context: DistributedContext, pr
         torch.manual_seed(config.seed)  # the new layers' initialisation depends on the seed alone
         detector = prepare_model(build_detector(source, num_classes, task=config.task,
                                                 trainable_stages=config.trainable_stages, shape=shape),
-                                 device, precision)
+                                 device)
         plan = SGDPlan(epochs=epochs, steps_per_epoch=steps, lr=lr, momentum=config.momentum,
                        weight_decay=config.weight_decay, schedule="cosine", warmup_steps=warmup, seed=config.seed)
         train_model = wrap_for_training(detector, context, find_unused_parameters=config.task != "detection")

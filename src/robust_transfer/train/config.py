@@ -79,7 +79,8 @@ class PretrainConfig:
     test_examples: int | None = field(default=None, metadata=helped(
         "evaluate the final model on a seeded random N of the test examples"))
     precision: str = field(default="auto", metadata=helped(
-        "auto (bf16 autocast + channels_last where the hardware is fast at it), bf16 or fp32"))
+        "auto (bf16 autocast where the hardware is fast at it, else fp32), bf16 or fp32; convolutions run "
+        "channels_last either way"))
     device: str = field(default="auto", metadata=helped("auto, cpu, cuda or cuda:N"))
     num_workers: int | None = field(default=None, metadata=helped(
         "data-loading worker processes per training process, decoding and cropping image files (default: the "

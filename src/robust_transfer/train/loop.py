@@ -148,7 +148,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, run_dir: Path
             log.info("resuming %s after epoch %d of %d", run_dir, training.epoch, config.epochs)
     else:
         seed_process(config.seed, context)
-    model = prepare_model(model, context.device, precision)
+    model = prepare_model(model, context.device)
     train_model = wrap_for_training(model, context)
     # The plain model is what is saved and validated; with --compile the steps run through compiled ones.
     attack_model = model

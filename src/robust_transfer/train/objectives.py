@@ -37,7 +37,7 @@ class Objective:
 
     def to_device(self, x, y, device: torch.device, precision: str):
         """The batch ``(x, y)`` on ``device``, images in the model's memory layout."""
-        return prepare_batch(x, device, precision), y.to(device, non_blocking=True)
+        return prepare_batch(x, device), y.to(device, non_blocking=True)
 
     def tally(self, outputs: torch.Tensor | None, y) -> tuple[int, torch.Tensor | None]:
         """(examples in the batch, correct predictions as a device tensor, or None for a task without them)."""

@@ -51,12 +51,12 @@ def extract_features(extractor: nn.Module, dataset, device: torch.device, precis
                      batch_size: int = 256, progress: bool = False, description: str = "features"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 [N, D], labels int64 [N]) of ``dataset`` in order, in eval mode."""
-    extractor = prepare_model(extractor, device, precision)
+    extractor = prepare_model(extractor, device)
     features, labels = [], []
     batches = make_batches(dataset, batch_size, shuffle=False)
     with eval_mode(extractor), autocast(precision, device):
         for x, y in tqdm(batches, desc=description, unit="batch", leave=False, disable=not progress):
-            features.append(extractor(prepare_batch(x, device, precision)).float().flatten(1).cpu())
+            features.append(extractor(prepare_batch(x, device)).float().flatten(1).cpu())
             labels.append(y)
     return torch.cat(features), torch.cat(labels)
 

@@ -55,7 +55,7 @@ def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.
     """
     info: FrozenInfo = freeze_stages(model, recipe.frozen_stages,
                                      train_frozen_batchnorm=recipe.train_frozen_batchnorm)
-    model = prepare_model(model, device, precision)
+    model = prepare_model(model, device)
     plan = SGDPlan(epochs=recipe.epochs, steps_per_epoch=len(make_batches(train_set, recipe.batch_size, shuffle=True,
                                                                           drop_last=True)),
                    lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
@@ -71,4 +71,7 @@ def finetune(model: nn.Module, train_set, recipe: FinetuneRecipe, device: torch.
                      train_mode=lambda m: set_train_mode(m, True, info), checkpoint=checkpoint,
                      identity={"recipe": dataclasses.asdict(recipe), **(identity or {})}, progress=progress,
                      description=description)
+    # Trained channels_last, handed back in the default layout: loaded from its file, the model computes bit for bit
+    # what the returned one does.
+    model = model.to(memory_format=torch.contiguous_format)
     return model, {"seconds": seconds, "trainable_parameters": info.trainable, "frozen_parameters": info.frozen}

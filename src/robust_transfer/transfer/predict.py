@@ -17,6 +17,6 @@ def predict(model: nn.Module, dataset, device: torch.device, precision: str,
     predictions, labels = [], []
     with eval_mode(model), autocast(precision, device):
         for x, y in make_batches(dataset, batch_size, shuffle=False):
-            predictions.append(model(prepare_batch(x, device, precision)).argmax(1).cpu())
+            predictions.append(model(prepare_batch(x, device)).argmax(1).cpu())
             labels.append(y)
     return torch.cat(predictions), torch.cat(labels)
