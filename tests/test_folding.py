@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+from timm.models import resnet as timm_resnet
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -44,7 +45,8 @@ def _runs_its_own_forward(model: nn.Module) -> bool:
 
 
 @pytest.mark.parametrize(("arch", "channels", "side"), [("small_resnet", 1, 28), ("cifar_resnet18", 3, 32),
-                                                        ("resnet18", 3, 64), ("mobilenet_v2", 3, 64)])
+                                                        ("resnet18", 3, 64), ("mobilenet_v2", 3, 64),
+                                                        ("timm:resnet18", 3, 64), ("timm:resnet26", 3, 64)])
 def test_folded_model_computes_what_the_unfolded_one_does(arch, channels, side):
     torch.manual_seed(0)
     model = _with_statistics(create_model(arch, num_classes=5, in_channels=channels), channels, side)
@@ -71,6 +73,14 @@ class _Rewired(BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x) * 2.0))
         return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _TimmStemRewired(timm_resnet.ResNet):
+    """timm's ResNet with a forward_features that scales the stem conv's output before bn1."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x) * 2.0)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 class _Undeclared(nn.Module):
@@ -120,14 +130,20 @@ def test_only_pairs_whose_flow_is_declared_fold():
     declared = _with_statistics(_Declared(), 3, 8)
     assert foldable_pairs(declared) == [(declared.conv, declared.bn)]
     assert foldable_pairs(_with_statistics(_InheritsDeclaration(), 3, 8)) == []
+    # Rewriting timm's forward_features (forward is timm's own) drops the stem pair; the blocks still fold.
+    stem_rewired = _with_statistics(_TimmStemRewired(timm_resnet.BasicBlock, [1, 1, 1, 1], num_classes=3), 3, 32)
+    pairs = foldable_pairs(stem_rewired)
+    assert (stem_rewired.conv1, stem_rewired.bn1) not in pairs
+    assert len(pairs) == len([m for m in stem_rewired.modules() if isinstance(m, nn.BatchNorm2d)]) - 1
     # A module placed twice runs twice: folding it for one place would be wrong at the other.
     conv = nn.Conv2d(3, 3, 3, padding=1)
     shared = _with_statistics(nn.Sequential(conv, nn.BatchNorm2d(3), conv, nn.BatchNorm2d(3)), 3, 8)
     assert foldable_pairs(shared) == []
     # Each of these models still computes the same function inside the block.
-    for model, channels in ((_Rewired(4, 4), 4), (_InheritsDeclaration(), 3), (shared, 3)):
-        model = _with_statistics(model, channels, 8)
-        x = torch.rand(2, channels, 8, 8)
+    for model, channels, side in ((_Rewired(4, 4), 4, 8), (_InheritsDeclaration(), 3, 8), (shared, 3, 8),
+                                  (stem_rewired, 3, 32)):
+        model = _with_statistics(model, channels, side)
+        x = torch.rand(2, channels, side, side)
         with torch.no_grad():
             expected = model(x)
             with folded_batchnorm(model):

@@ -9,7 +9,7 @@ Only pairs whose data flow is known are folded: the conv must feed that BatchNor
 flow is declared by the class that writes the ``forward`` (as stages and heads are declared, not probed):
 consecutive ``Conv2d``, ``BatchNorm2d`` children of an ``nn.Sequential`` (torchvision's
 ``Conv2dNormActivation``, ResNet downsample branches, VGG-BN features), torchvision's ResNet stem and
-blocks (`FOLDED_BY_CLASS`), and any class of ours or a user's that sets ``batchnorm_after = {"conv":
+blocks and timm's (`FOLDED_BY_CLASS`), and any class of ours or a user's that sets ``batchnorm_after = {"conv":
 "bn"}`` beside its ``forward``. A subclass that rewrites ``forward`` drops its parent's declaration.
 """
 
@@ -22,17 +22,23 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.models import resnet as timm_resnet
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models import resnet as torchvision_resnet
 
 FOLDED_BY_CLASS: dict[type, dict[str, str]] = {
-    ResNet: {"conv1": "bn1"},
-    BasicBlock: {"conv1": "bn1", "conv2": "bn2"},
-    Bottleneck: {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"},
+    torchvision_resnet.ResNet: {"conv1": "bn1"},
+    torchvision_resnet.BasicBlock: {"conv1": "bn1", "conv2": "bn2"},
+    torchvision_resnet.Bottleneck: {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"},
+    timm_resnet.ResNet: {"conv1": "bn1"},  # a deep stem makes conv1 a Sequential: that pair then does not fold
+    timm_resnet.BasicBlock: {"conv1": "bn1", "conv2": "bn2"},
+    timm_resnet.Bottleneck: {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"},
 }
-"""conv -> BatchNorm pairs that torchvision's ResNet classes apply back to back in their ``forward``."""
+"""conv -> BatchNorm pairs that torchvision's and timm's ResNet classes apply back to back in their ``forward``."""
 
-_FORWARD_METHODS = ("forward", "_forward_impl")  # torchvision's ResNet.forward calls _forward_impl
+# torchvision's ResNet.forward calls _forward_impl, timm's calls forward_features: a subclass rewriting either
+# is not the declaring class any more.
+_FORWARD_METHODS = ("forward", "_forward_impl", "forward_features")
 
 
 def _declaring_class(module: nn.Module) -> type | None:
