@@ -5,7 +5,7 @@ PGD-20 (fp32, L2 eps 1) on the same 1,000 test images; the clock counts training
 epoch whose robust accuracy reaches the target (60% by default).
 
 - ``ours``: the library's engine (`TrainingState`, `run_epoch`) with FGSM-RS (one step of 1.25 eps from a
-  random start), bf16 autocast + channels_last where the hardware is fast at it, `tune_malloc`.
+  random start), channels_last, bf16 autocast where the hardware is fast at it, `tune_malloc`.
 - ``ours-compiled`` (optional): ``ours`` with the training forward and the attack run through one
   `torch.compile`d module, as ``pretrain --compile`` does; the compilation counts as training time.
 - ``plain``: a plain fp32 NCHW PyTorch loop: PGD-7 (step 2.5 eps / 7, random start in the ball) in eval mode,
@@ -14,10 +14,10 @@ epoch whose robust accuracy reaches the target (60% by default).
   method's and the hardware's.
 
 Each contender brings its recipe, as in a time-to-accuracy race: ``plain`` the usual one (SGD lr ``--lr``
-0.05, cosine over ``--epochs`` 6), ours its fastest (lr ``--ours-lr`` 0.2, cosine annealed to zero over
-``--ours-epochs`` 2). All use momentum 0.9, weight decay 5e-4, half an epoch of linear warm-up and batch 128,
-start from the same initial weights and see the same batches in the same order (seeded). Run from the
-repository root:
+0.05, cosine over ``--epochs`` 6, batch ``--batch-size`` 128), ours its fastest (lr ``--ours-lr`` 0.2, cosine
+annealed to zero over ``--ours-epochs`` 1, batch ``--ours-batch-size`` 32). All use momentum 0.9, weight decay
+5e-4 and half an epoch of linear warm-up, start from the same initial weights and see the same examples in
+the same order (seeded). Run from the repository root:
 
     PYTHONPATH=src .venv/bin/python benchmarks/time_to_robust_accuracy.py --json benchmarks/results/FILE.json
 """
@@ -29,6 +29,7 @@ import copy
 import json
 import platform
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +45,26 @@ from robust_transfer.train.schedule import lr_multiplier
 EPS = 1.0
 
 
-def _recipe(name: str, args) -> tuple[float, int]:
-    """(learning rate, epochs the cosine schedule spans) of a contender."""
-    return (args.lr, args.epochs) if name == "plain" else (args.ours_lr, args.ours_epochs)
+@dataclass(frozen=True)
+class Recipe:
+    """What a contender brings to the race besides its method."""
+
+    lr: float
+    epochs: int  # the cosine schedule's length, and the most the contender trains
+    batch_size: int
+    warmup_epochs: float
 
 
-def _optimiser(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+def _recipe(name: str, args) -> Recipe:
+    if name == "plain":
+        return Recipe(args.lr, args.epochs, args.batch_size, args.warmup)
+    return Recipe(args.ours_lr, args.ours_epochs, args.ours_batch_size, args.ours_warmup)
+
+
+def _optimiser(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
-        "cosine", epochs * steps_per_epoch, steps_per_epoch // 2, []))
+        "cosine", recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch), []))
     return optimizer, scheduler
 
 
@@ -73,9 +85,9 @@ def plain_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 7
     return x_adv.detach()
 
 
-def train_plain(model: nn.Module, train_set, args, epoch: int, optimizer, scheduler) -> None:
+def train_plain(model: nn.Module, train_set, batch_size: int, args, epoch: int, optimizer, scheduler) -> None:
     model.train()
-    for x, y in make_batches(train_set, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
+    for x, y in make_batches(train_set, batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                              augment="crop-flip", drop_last=True):
         x_adv = plain_pgd(model, x, y)
         loss = F.cross_entropy(model(x_adv), y)
@@ -87,32 +99,32 @@ def train_plain(model: nn.Module, train_set, args, epoch: int, optimizer, schedu
 
 def race(name: str, initial: nn.Module, train_set, test_set, args) -> dict:
     torch.manual_seed(args.seed)
-    steps_per_epoch = len(make_batches(train_set, args.batch_size, shuffle=True, drop_last=True))
     model = copy.deepcopy(initial)
     test_attack = Attack(ThreatModel("l2", EPS), steps=20)
     ours = name.startswith("ours")
-    lr, schedule_epochs = _recipe(name, args)
+    recipe = _recipe(name, args)
+    steps_per_epoch = len(make_batches(train_set, recipe.batch_size, shuffle=True, drop_last=True))
     if ours:
         device = resolve_device("auto")
         precision = resolve_precision("auto", device)
         model = prepare_model(model, device)
-        optimizer, scheduler = _optimiser(model, lr, schedule_epochs, steps_per_epoch)
+        optimizer, scheduler = _optimiser(model, recipe, steps_per_epoch)
         state = TrainingState(model, optimizer, scheduler,
                               make_objective("fgsm-rs", Attack(ThreatModel("l2", EPS))))
         # ours-compiled: the steps run through one compiled module; its compilation counts as training time.
         step_model = torch.compile(model) if name == "ours-compiled" else model
     else:
         device, precision = torch.device("cpu"), "fp32"
-        optimizer, scheduler = _optimiser(model, lr, schedule_epochs, steps_per_epoch)
+        optimizer, scheduler = _optimiser(model, recipe, steps_per_epoch)
     epochs, trained = [], 0.0
-    for epoch in range(schedule_epochs):
+    for epoch in range(recipe.epochs):
         started = time.perf_counter()
         if ours:
-            run_epoch(state, make_batches(train_set, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
+            run_epoch(state, make_batches(train_set, recipe.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                           augment="crop-flip", drop_last=True), device=device, precision=precision,
                       train_model=step_model, attack_model=step_model)
         else:
-            train_plain(model, train_set, args, epoch, optimizer, scheduler)
+            train_plain(model, train_set, recipe.batch_size, args, epoch, optimizer, scheduler)
         trained += time.perf_counter() - started
         result = evaluate(model, test_set, attack=test_attack, precision="fp32", seed=args.seed)
         epochs.append({"epoch": epoch + 1, "train_s": trained, "clean_acc": result.clean_acc,
@@ -122,7 +134,7 @@ def race(name: str, initial: nn.Module, train_set, test_set, args) -> dict:
         if result.robust_acc >= args.target:
             break
     reached = next((e for e in epochs if e["robust_acc"] >= args.target), None)
-    return {"name": name, "precision": precision, "lr": lr, "schedule_epochs": schedule_epochs, "epochs": epochs,
+    return {"name": name, "precision": precision, "recipe": asdict(recipe), "epochs": epochs,
             "seconds_to_target": reached["train_s"] if reached else None}
 
 
@@ -132,11 +144,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="plain's schedule length in epochs (and its most)")
     parser.add_argument("--train-examples", type=int, default=16000)
     parser.add_argument("--test-examples", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="plain's batch size")
     parser.add_argument("--lr", type=float, default=0.05, help="plain's learning rate")
+    parser.add_argument("--warmup", type=float, default=0.5, help="plain's linear warm-up, in epochs")
     parser.add_argument("--ours-lr", type=float, default=0.2, help="ours' (and plain-short's) learning rate")
-    parser.add_argument("--ours-epochs", type=int, default=2,
+    parser.add_argument("--ours-batch-size", type=int, default=32,
+                        help="ours' (and plain-short's) batch size")
+    parser.add_argument("--ours-epochs", type=int, default=1,
                         help="ours' (and plain-short's) schedule length in epochs (and its most)")
+    parser.add_argument("--ours-warmup", type=float, default=0.5,
+                        help="ours' (and plain-short's) linear warm-up, in epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contenders", default="ours,plain",
                         help="ours, ours-compiled (the same through torch.compile, compilation timed), plain "
@@ -160,7 +177,9 @@ def main() -> None:
                "settings": vars(args), "results": results, "speedups": speedups}
     for r in results:
         reached = f"{r['seconds_to_target']:.0f} s" if r["seconds_to_target"] else "not reached"
-        print(f"{r['name']:>13} ({r['precision']}, lr {r['lr']:g}, cosine over {r['schedule_epochs']} epochs): "
+        recipe = r["recipe"]
+        print(f"{r['name']:>13} ({r['precision']}, lr {recipe['lr']:g}, cosine over {recipe['epochs']} epochs, "
+              f"batch {recipe['batch_size']}, warm-up {recipe['warmup_epochs']:g} epochs): "
               f"{reached} to robust accuracy {args.target:.0%}")
     for pair, speedup in speedups.items():
         print(f"{pair}: {speedup:.1f}x faster to the target (goal for ours vs plain: >= 8x)")
