@@ -22,7 +22,7 @@ if [ ! -f "$VENV/.complete" ]; then
   echo "building the environment $VENV (about 3 minutes, once)" >&2
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade "pip>=23" "setuptools>=68" wheel
+  "$VENV/bin/pip" install -q --upgrade "pip>=23" "setuptools>=77" wheel
   # torch first and pinned: these builds install from this machine's disk.
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
   "$VENV/bin/pip" install -q --no-build-isolation -e ".[test]"
