@@ -79,7 +79,7 @@ def main() -> None:
         if name == "plain":
             _plain_step(model, optimizer, *batch)
         else:
-            x, y = objective.to_device(*batch, device, precision)
+            x, y = objective.to_device(*batch, device)
             train_step(model, optimizer, objective, x, y, precision=precision, device=device)
 
     times: dict[str, list[float]] = {name: [] for name in contenders}

@@ -42,7 +42,8 @@ _FORWARD_METHODS = ("forward", "_forward_impl", "forward_features")
 
 
 def _declaring_class(module: nn.Module) -> type | None:
-    """The class whose ``forward`` (and ``_forward_impl``, where it has one) the module runs."""
+    """The one class whose ``forward`` (and ``_forward_impl`` / ``forward_features``, where it has them) the module
+    runs; None when a subclass rewrote some of them."""
     owners = {next(c for c in type(module).__mro__ if name in vars(c))
               for name in _FORWARD_METHODS if hasattr(type(module), name)}
     return owners.pop() if len(owners) == 1 else None

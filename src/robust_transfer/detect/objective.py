@@ -16,7 +16,7 @@ from ..train.objectives import Objective
 class DetectionObjective(Objective):
     """torchvision's detectors compute their own losses in training mode: this objective sums them."""
 
-    def to_device(self, x: list[torch.Tensor], y: list[dict[str, Any]], device: torch.device, precision: str):
+    def to_device(self, x: list[torch.Tensor], y: list[dict[str, Any]], device: torch.device):
         return ([image.to(device, non_blocking=True) for image in x],
                 [{k: v.to(device, non_blocking=True) for k, v in target.items()} for target in y])
 

@@ -135,7 +135,7 @@ def run_epoch(
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     nothing = totals.new_zeros(())
     for index, (x, y) in enumerate(batches):
-        x, y = objective.to_device(x, y, device, precision)
+        x, y = objective.to_device(x, y, device)
         for _replay in range(state.objective.replays):
             try:
                 loss, logits = train_step(train_model, state.optimizer, objective, x, y,

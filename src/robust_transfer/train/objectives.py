@@ -35,7 +35,7 @@ class Objective:
     label_smoothing: float = 0.0
     replays: int = 1
 
-    def to_device(self, x, y, device: torch.device, precision: str):
+    def to_device(self, x, y, device: torch.device):
         """The batch ``(x, y)`` on ``device``, images in the model's memory layout."""
         return prepare_batch(x, device), y.to(device, non_blocking=True)
 
